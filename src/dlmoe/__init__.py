@@ -1,0 +1,3 @@
+"""dlmoe: Mixture-of-Experts masked diffusion language models in PyTorch."""
+
+__version__ = "0.1.0"

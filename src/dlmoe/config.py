@@ -1,0 +1,155 @@
+"""Configuration dataclasses, one per component; validated once, when built.
+
+Each component receives its own config explicitly. Errors are `ValueError`s that name the field,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dlmoe._checks import check_choice, check_float, check_int
+from dlmoe.routing.expert_choice import GATES, POOLS, SELECT
+from dlmoe.routing.schedules import DEFAULT_SIGMA, SCHEDULE_NAMES, expected_k, validate_schedule
+from dlmoe.routing.token_choice import SCORE_FUNCTIONS
+
+ROUTER_KINDS = ("token_choice", "expert_choice")
+EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
+
+
+@dataclass(kw_only=True)
+class BlockRoutingConfig:
+    """dMoE block routing: `block_size` tokens vote a coreset covering `top_p` of the votes."""
+
+    block_size: int = 32
+    top_p: float = 0.6
+    guard: int = 16
+
+    def __post_init__(self) -> None:
+        check_int("block.block_size", self.block_size, low=1)
+        check_float("block.top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_int("block.guard", self.guard, low=1)
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """Which router, and its knobs.
+
+    Shared: `kind`, `num_experts`, `num_experts_per_tok` (k; EC's static k), `z_loss_coef`.
+    Token choice: `score`, `renormalize`, `capacity_factor` (None = dropless), `aux_loss_coef`,
+    `expert_bias` (+ `bias_update_rate`), `n_group`/`topk_group`, `routed_scaling_factor`,
+    `block` (dMoE block routing).
+    Expert choice: `pool`, `select`, `gate`, and a timestep-dependent capacity
+    `capacity_schedule` with `k_min`, `k_max`, `schedule_sigma`.
+    """
+
+    kind: str = "token_choice"
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    z_loss_coef: float = 0.0
+    # token choice
+    score: str = "softmax"
+    renormalize: bool = True
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.0
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    block: BlockRoutingConfig | None = None
+    # expert choice
+    pool: str = "sequence"
+    select: str = "logit"
+    gate: str = "restricted"
+    capacity_schedule: str | None = None
+    k_min: int | None = None
+    k_max: int | None = None
+    schedule_sigma: float = DEFAULT_SIGMA
+
+    def __post_init__(self) -> None:
+        check_choice("router.kind", self.kind, ROUTER_KINDS)
+        check_int("router.num_experts", self.num_experts, low=1)
+        check_int("router.num_experts_per_tok", self.num_experts_per_tok, low=1, high=self.num_experts)
+        check_float("router.z_loss_coef", self.z_loss_coef, low=0.0)
+        check_choice("router.score", self.score, SCORE_FUNCTIONS)
+        if self.capacity_factor is not None:
+            check_float("router.capacity_factor", self.capacity_factor, low=0.0, low_open=True)
+        check_float("router.aux_loss_coef", self.aux_loss_coef, low=0.0)
+        check_float("router.bias_update_rate", self.bias_update_rate, low=0.0)
+        check_float("router.routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
+        self._check_groups()
+        check_choice("router.pool", self.pool, POOLS)
+        check_choice("router.select", self.select, SELECT)
+        check_choice("router.gate", self.gate, GATES)
+        self._check_schedule()
+        if self.block is not None:
+            if isinstance(self.block, dict):
+                self.block = BlockRoutingConfig(**self.block)
+            if self.kind != "token_choice":
+                raise ValueError("router.block (dMoE block routing) needs router.kind='token_choice'")
+            check_int("router.block.guard", self.block.guard, low=1, high=self.num_experts)
+
+    def _check_groups(self) -> None:
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError(
+                f"router.n_group and router.topk_group go together, got {self.n_group}, {self.topk_group}"
+            )
+        if self.n_group is not None:
+            check_int("router.n_group", self.n_group, low=1, high=self.num_experts)
+            if self.num_experts % self.n_group:
+                raise ValueError(f"router.n_group={self.n_group} must divide num_experts={self.num_experts}")
+            check_int("router.topk_group", self.topk_group, low=1, high=self.n_group)
+
+    def _check_schedule(self) -> None:
+        if self.capacity_schedule is None:
+            return
+        if self.kind != "expert_choice":
+            raise ValueError(
+                "router.capacity_schedule (timestep-dependent capacity) needs kind='expert_choice'"
+            )
+        if self.capacity_schedule not in SCHEDULE_NAMES:
+            raise ValueError(
+                f"router.capacity_schedule must be one of {list(SCHEDULE_NAMES)}, got {self.capacity_schedule!r}"
+            )
+        validate_schedule(self.capacity_schedule, self.schedule_sigma)
+        if self.k_min is None or self.k_max is None:
+            raise ValueError("router.capacity_schedule needs router.k_min and router.k_max")
+        check_int("router.k_min", self.k_min, low=1, high=self.num_experts)
+        check_int("router.k_max", self.k_max, low=1, high=self.num_experts)
+        if self.k_min > self.k_max:
+            raise ValueError(f"router.k_min must be <= router.k_max, got {self.k_min} > {self.k_max}")
+
+    def expected_experts_per_token(self) -> float:
+        """Average experts per token (∝ active expert FLOPs) under r ~ U(0, 1)."""
+        if self.capacity_schedule is None:
+            return float(self.num_experts_per_tok)
+        return expected_k(self.capacity_schedule, self.k_min, self.k_max, sigma=self.schedule_sigma)  # type: ignore[arg-type]
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """An MoE feed-forward block: router, `num_experts` SwiGLU experts of width `expert_hidden`,
+    optional always-on shared experts, and the expert-compute backend."""
+
+    router: RouterConfig = field(default_factory=RouterConfig)
+    expert_hidden: int = 256
+    num_shared_experts: int = 0
+    shared_hidden: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        check_int("moe.expert_hidden", self.expert_hidden, low=1)
+        check_int("moe.num_shared_experts", self.num_shared_experts, low=0)
+        if self.shared_hidden is not None:
+            check_int("moe.shared_hidden", self.shared_hidden, low=1)
+        check_choice("moe.backend", self.backend, EXPERT_BACKENDS)
+
+    @property
+    def shared_width(self) -> int:
+        """Width of the fused shared-expert MLP (0 = none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_hidden or self.num_shared_experts * self.expert_hidden

@@ -1,0 +1,41 @@
+"""Routers for MoE diffusion LMs; all of them return a `Dispatch`.
+
+Functional API (pure functions on router logits / scores, no parameters):
+    token_choice(logits, k, *, score, renormalize, capacity_factor, expert_bias, ...)
+    expert_choice(logits, k, *, pool, select, gate, z_loss_coef)   # k: int or [B] int tensor
+    block_route(scores, k, *, block_size, top_p, guard, ...)        # dMoE block routing
+    schedules.dynamic_k(r, schedule, k_min, k_max), schedules.expected_k(schedule, k_min, k_max)
+Modules (own W_r, fp32 logits): TokenChoiceRouter, ExpertChoiceRouter, build_router.
+"""
+
+from dlmoe.routing import schedules
+from dlmoe.routing.block import block_route
+from dlmoe.routing.dispatch import Dispatch, RoutingStats, unique_experts_per_block
+from dlmoe.routing.expert_choice import expert_choice
+from dlmoe.routing.routers import (
+    ROUTERS,
+    ExpertChoiceRouter,
+    Router,
+    TokenChoiceRouter,
+    build_router,
+    update_expert_biases,
+)
+from dlmoe.routing.token_choice import switch_aux_loss, token_choice, z_loss
+
+__all__ = [
+    "ROUTERS",
+    "Dispatch",
+    "ExpertChoiceRouter",
+    "Router",
+    "RoutingStats",
+    "TokenChoiceRouter",
+    "block_route",
+    "build_router",
+    "expert_choice",
+    "schedules",
+    "switch_aux_loss",
+    "token_choice",
+    "unique_experts_per_block",
+    "update_expert_biases",
+    "z_loss",
+]

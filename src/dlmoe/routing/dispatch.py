@@ -1,0 +1,177 @@
+"""Dispatch: the one currency between routers and experts.
+
+Every router (token choice, expert choice, block routing) returns a `Dispatch`; the expert
+compute, the combine step, metrics and expert parallelism only ever see this structure.
+
+A *slot* is one (token, expert) assignment. Slots are sorted by expert, so expert `e` owns the
+contiguous rows `offsets[e] : offsets[e] + counts[e]` of the gathered activations.
+
+Letters: B batch, L length, N = B·L tokens, E experts, S slots, D model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Load and coverage figures of one routing decision (all plain floats, detached).
+
+    `load` is the number of slots per expert; `dropped_fraction` counts token-slots lost to
+    capacity limits (TC with a capacity factor); `zero_expert_fraction` counts tokens that no
+    expert processes (EC; they keep only the residual and shared-expert path).
+    """
+
+    load: list[float]
+    load_max_over_mean: float
+    dropped_fraction: float
+    zero_expert_fraction: float
+    experts_per_token_mean: float
+    experts_per_token_min: float
+    experts_per_token_max: float
+    unique_experts: int
+    unique_experts_per_block: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """Scalar figures only (per-expert `load` left out), for logs and JSON."""
+        out = {k: v for k, v in self.__dict__.items() if k != "load" and v is not None}
+        return out
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which token goes to which expert, with what combine weight.
+
+    Attributes:
+        token_index:  [S] int64, flattened token (b·L + l) carried by each slot.
+        expert_index: [S] int64, expert of each slot; non-decreasing (slots sorted by expert).
+        gate:         [S] float32, combine weight; differentiable w.r.t. the router logits.
+        counts:       [E] int64, slots per expert (`offsets = cumsum(counts)`).
+        num_tokens:   N, tokens the router saw.
+        batch_shape:  (B, L) of the routed input.
+        num_requested_slots: slots before capacity dropping (N·k for TC), for the drop fraction.
+        aux_loss:     scalar float32, router losses to add to the objective (0 if none).
+        equal_counts: every expert holds the same number of slots (EC): experts may use a
+            dense [E, C, D] bmm without reading `counts` back from the device.
+        coreset_mask: [B, n_blocks, E] bool for block routing (the experts a block may use).
+        block_size:   block length of block routing, else None.
+        requested_counts: [E] int64 slots per expert before capacity dropping (None: = counts).
+    """
+
+    token_index: Tensor
+    expert_index: Tensor
+    gate: Tensor
+    counts: Tensor
+    num_tokens: int
+    batch_shape: tuple[int, int]
+    num_requested_slots: int
+    aux_loss: Tensor
+    equal_counts: bool = False
+    coreset_mask: Tensor | None = field(default=None)
+    block_size: int | None = None
+    requested_counts: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.requested_counts is None:
+            object.__setattr__(self, "requested_counts", self.counts)
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def num_slots(self) -> int:
+        return self.token_index.numel()
+
+    def gather(self, x_ND: Tensor) -> Tensor:
+        """Rows of `x_ND` in slot order: [S, D]. Backward is a scatter-add into x."""
+        return x_ND.index_select(0, self.token_index)
+
+    def combine(self, y_SD: Tensor, num_tokens: int | None = None) -> Tensor:
+        """Weighted sum of slot outputs back into tokens: out[t] = Σ_{s: tok(s)=t} gate_s · y_s.
+
+        Tokens no expert processed get exact zeros. Output dtype is that of `y_SD`.
+        """
+        n = self.num_tokens if num_tokens is None else num_tokens
+        weighted_SD = y_SD * self.gate.to(y_SD.dtype).unsqueeze(-1)
+        out_ND = y_SD.new_zeros(n, y_SD.shape[-1])
+        return out_ND.index_add(0, self.token_index, weighted_SD)
+
+    def experts_per_token(self) -> Tensor:
+        """[N] int64, how many experts process each token."""
+        return torch.bincount(self.token_index, minlength=self.num_tokens)
+
+    def stats(self, block_size: int | None = None) -> RoutingStats:
+        """Compute load-balance and coverage statistics (syncs with the device).
+
+        `block_size` (default: the block routing size, if any) adds the mean number of unique
+        experts per block of `block_size` consecutive positions of each sequence — dMoE's metric.
+        """
+        with torch.no_grad():
+            load = self.counts.float()
+            per_token = self.experts_per_token().float()
+            mean_load = load.mean().clamp_min(1e-12)
+            kept = self.num_slots
+            requested = max(self.num_requested_slots, 1)
+            bs = block_size if block_size is not None else self.block_size
+            per_block = None
+            if bs is not None:
+                per_block = unique_experts_per_block(self, bs).float().mean().item()
+            return RoutingStats(
+                load=load.tolist(),
+                load_max_over_mean=(load.max() / mean_load).item(),
+                dropped_fraction=max(self.num_requested_slots - kept, 0) / requested,
+                zero_expert_fraction=(per_token == 0).float().mean().item(),
+                experts_per_token_mean=per_token.mean().item(),
+                experts_per_token_min=per_token.min().item(),
+                experts_per_token_max=per_token.max().item(),
+                unique_experts=int((self.counts > 0).sum().item()),
+                unique_experts_per_block=per_block,
+            )
+
+
+def unique_experts_per_block(dispatch: Dispatch, block_size: int) -> Tensor:
+    """[B, n_blocks] int64: distinct experts used by the tokens of each block of each sequence.
+
+    Blocks are consecutive runs of `block_size` positions (the last one may be shorter).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    batch, length = dispatch.batch_shape
+    num_blocks = -(-length // block_size)
+    num_experts = dispatch.num_experts
+    b = dispatch.token_index // length
+    blk = (dispatch.token_index % length) // block_size
+    used = torch.zeros(batch * num_blocks * num_experts, dtype=torch.bool, device=dispatch.counts.device)
+    used[(b * num_blocks + blk) * num_experts + dispatch.expert_index] = True
+    return used.view(batch, num_blocks, num_experts).sum(-1)
+
+
+def sorted_dispatch_from_topk(
+    expert_index_NK: Tensor,
+    gate_NK: Tensor,
+    num_experts: int,
+    *,
+    valid_NK: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flatten token-major top-k choices into expert-sorted slots.
+
+    Returns (token_index [S], expert_index [S], gate [S], counts [E]); invalid picks are dropped.
+    Within an expert, slots keep token order (stable sort), which makes results deterministic.
+    """
+    num_tokens, k = expert_index_NK.shape
+    device = expert_index_NK.device
+    token_NK = torch.arange(num_tokens, device=device).unsqueeze(1).expand(num_tokens, k)
+    expert_S = expert_index_NK.reshape(-1)
+    token_S = token_NK.reshape(-1)
+    gate_S = gate_NK.reshape(-1)
+    if valid_NK is not None:
+        keep = valid_NK.reshape(-1)
+        expert_S, token_S, gate_S = expert_S[keep], token_S[keep], gate_S[keep]
+    order = torch.argsort(expert_S, stable=True)
+    counts = torch.bincount(expert_S, minlength=num_experts)
+    return token_S[order], expert_S[order], gate_S[order], counts

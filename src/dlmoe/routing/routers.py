@@ -1,0 +1,160 @@
+"""Router modules: own W_r ∈ R^{E×D}, compute fp32 logits, call the functional routers.
+
+The modules add only what needs state: the weight, the loss-free expert bias and its per-step
+update, and the mask ratio → capacity schedule of expert choice.
+
+Letters: B batch, L length, D model width, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dlmoe._checks import check_tensor
+from dlmoe.routing.block import block_route
+from dlmoe.routing.dispatch import Dispatch
+from dlmoe.routing.expert_choice import expert_choice
+from dlmoe.routing.schedules import dynamic_k
+from dlmoe.routing.token_choice import router_scores, token_choice
+
+if TYPE_CHECKING:
+    from dlmoe.config import BlockRoutingConfig, RouterConfig
+
+CountsReducer = Callable[[Tensor], Tensor]
+
+
+class Router(nn.Module):
+    """Base: the router weight and fp32 logits (autocast off: routing decisions are precision-sensitive)."""
+
+    def __init__(self, config: RouterConfig, dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def logits(self, x_BLD: Tensor) -> Tensor:
+        """[B, L, E] float32 router logits."""
+        with torch.autocast(x_BLD.device.type, enabled=False):
+            return F.linear(x_BLD.float(), self.weight.float())
+
+    def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> Dispatch:
+        raise NotImplementedError
+
+
+class TokenChoiceRouter(Router):
+    """Top-k token choice; optional loss-free expert bias and dMoE block routing.
+
+    The expert bias steers selection only. Counts of routed tokens accumulate over the
+    micro-batches of a training step; the trainer calls `update_expert_bias()` once per
+    optimizer step (data-parallel code passes `reduce_counts`, e.g. an all-reduce).
+    """
+
+    def __init__(self, config: RouterConfig, dim: int) -> None:
+        super().__init__(config, dim)
+        self.block: BlockRoutingConfig | None = config.block
+        if config.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+            self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
+        else:
+            self.expert_bias = None
+
+    def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> Dispatch:
+        c = self.config
+        logits_BLE = self.logits(x_BLD)
+        bias = self.expert_bias
+        if self.block is not None:
+            dispatch = block_route(
+                router_scores(logits_BLE, c.score),
+                c.num_experts_per_tok,
+                block_size=self.block.block_size,
+                top_p=self.block.top_p,
+                guard=self.block.guard,
+                expert_bias=bias,
+                n_group=c.n_group,
+                topk_group=c.topk_group,
+                renormalize=c.renormalize,
+                routed_scaling_factor=c.routed_scaling_factor,
+            )
+        else:
+            dispatch = token_choice(
+                logits_BLE,
+                c.num_experts_per_tok,
+                score=c.score,
+                renormalize=c.renormalize,
+                capacity_factor=c.capacity_factor,
+                expert_bias=bias,
+                n_group=c.n_group,
+                topk_group=c.topk_group,
+                routed_scaling_factor=c.routed_scaling_factor,
+                aux_loss_coef=c.aux_loss_coef if self.training else 0.0,
+                z_loss_coef=c.z_loss_coef if self.training else 0.0,
+            )
+        if bias is not None and self.training:
+            # counts before any capacity drop, as in loss-free balancing
+            self.tokens_per_expert += dispatch.requested_counts.float()
+        return dispatch
+
+    @torch.no_grad()
+    def update_expert_bias(self, reduce_counts: CountsReducer | None = None) -> None:
+        """b_e += u · sign(mean(n) − n_e), then reset the counts. No-op without expert bias."""
+        if self.expert_bias is None:
+            return
+        counts = self.tokens_per_expert
+        if reduce_counts is not None:
+            counts = reduce_counts(counts.clone())
+        self.expert_bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts)
+        self.tokens_per_expert.zero_()
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice with a static k, or a per-sample k from the mask ratio (capacity schedule)."""
+
+    def experts_per_token(self, mask_ratio: Tensor | None, batch: int) -> int | Tensor:
+        """Static k, or [B] int64 k_b = dynamic_k(mask_ratio) when a schedule is configured."""
+        c = self.config
+        if c.capacity_schedule is None:
+            return c.num_experts_per_tok
+        if mask_ratio is None:
+            raise ValueError(
+                f"this expert-choice router uses capacity_schedule={c.capacity_schedule!r}: "
+                "pass mask_ratio [B] (fraction of masked tokens per sequence)"
+            )
+        check_tensor("mask_ratio", mask_ratio, shape=(batch,), floating=True)
+        return dynamic_k(mask_ratio, c.capacity_schedule, c.k_min, c.k_max, sigma=c.schedule_sigma).to(
+            mask_ratio.device
+        )
+
+    def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> Dispatch:
+        c = self.config
+        k = self.experts_per_token(mask_ratio, x_BLD.shape[0])
+        return expert_choice(
+            self.logits(x_BLD),
+            k,
+            pool=c.pool,
+            select=c.select,
+            gate=c.gate,
+            z_loss_coef=c.z_loss_coef if self.training else 0.0,
+        )
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "token_choice": TokenChoiceRouter,
+    "expert_choice": ExpertChoiceRouter,
+}
+
+
+def build_router(config: RouterConfig, dim: int) -> Router:
+    """Instantiate the router registered under `config.kind`."""
+    return ROUTERS[config.kind](config, dim)
+
+
+def update_expert_biases(model: nn.Module, reduce_counts: CountsReducer | None = None) -> None:
+    """Apply the loss-free bias update to every token-choice router of `model` (once per step)."""
+    for module in model.modules():
+        if isinstance(module, TokenChoiceRouter):
+            module.update_expert_bias(reduce_counts)

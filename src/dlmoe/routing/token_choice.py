@@ -1,0 +1,235 @@
+"""Token-choice (TC) top-k routing: each token picks its k experts.
+
+Covers the variants the EC-DLM and dMoE papers compare against or build on: softmax or sigmoid
+scores, optional renormalisation, capacity factor with the "probs" drop policy (or dropless),
+Switch aux loss, z-loss, loss-free expert bias (selection only), DeepSeek-V3/LLaDA2
+group-limited top-k and a routed scaling factor.
+
+Letters: B batch, L length, N = B·L tokens, E experts, K top-k, G groups, S slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dlmoe._checks import check_choice, check_float, check_int, check_tensor
+from dlmoe.routing.dispatch import Dispatch, sorted_dispatch_from_topk
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+def router_scores(logits: Tensor, score: str) -> Tensor:
+    """Routing scores in fp32: softmax over experts or elementwise sigmoid."""
+    check_choice("score", score, SCORE_FUNCTIONS)
+    logits = logits.float()
+    return torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
+
+
+def z_loss(logits_NE: Tensor) -> Tensor:
+    """mean_t (logsumexp_e l_{t,e})² (ST-MoE); keeps router logits small."""
+    return torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
+
+
+def switch_aux_loss(probs_NE: Tensor, tokens_per_expert_E: Tensor, k: int) -> Tensor:
+    """Switch load-balancing loss E/(N²·k) · Σ_e (Σ_t p_{t,e}) · n_e (Switch eq. 4–6, Megatron form).
+
+    `probs_NE` are per-token probabilities over all experts (rows sum to 1); `tokens_per_expert_E`
+    counts routed slots per expert before any capacity drop. Equals 1 at perfect balance.
+    """
+    num_tokens, num_experts = probs_NE.shape
+    scale = num_experts / (num_tokens * num_tokens * k)
+    return scale * (probs_NE.sum(0) * tokens_per_expert_E.to(probs_NE.dtype)).sum()
+
+
+def group_limited_mask(choice_NE: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """[N, E] bool: experts inside each token's `topk_group` best groups (DeepSeek-V3).
+
+    A group's score is the sum of its two best (biased) expert scores.
+    """
+    num_tokens, num_experts = choice_NE.shape
+    grouped_NGX = choice_NE.view(num_tokens, n_group, num_experts // n_group)
+    best = min(2, num_experts // n_group)
+    group_score_NG = grouped_NGX.topk(best, dim=-1).values.sum(-1)
+    keep_group_NG = torch.zeros_like(group_score_NG, dtype=torch.bool)
+    keep_group_NG.scatter_(1, group_score_NG.topk(topk_group, dim=-1).indices, True)
+    return keep_group_NG.unsqueeze(-1).expand_as(grouped_NGX).reshape(num_tokens, num_experts)
+
+
+def _check_tc_args(
+    num_experts: int,
+    k: int,
+    capacity_factor: float | None,
+    expert_bias: Tensor | None,
+    n_group: int | None,
+    topk_group: int | None,
+    routed_scaling_factor: float,
+) -> None:
+    check_int("k", k, low=1, high=num_experts)
+    if capacity_factor is not None:
+        check_float("capacity_factor", capacity_factor, low=0.0, low_open=True)
+    if expert_bias is not None:
+        check_tensor("expert_bias", expert_bias, shape=(num_experts,), floating=True)
+    if (n_group is None) != (topk_group is None):
+        raise ValueError(
+            f"n_group and topk_group go together, got n_group={n_group}, topk_group={topk_group}"
+        )
+    if n_group is not None:
+        check_int("n_group", n_group, low=1, high=num_experts)
+        if num_experts % n_group:
+            raise ValueError(f"n_group must divide num_experts={num_experts}, got n_group={n_group}")
+        check_int("topk_group", topk_group, low=1, high=n_group)
+        if topk_group * (num_experts // n_group) < k:
+            raise ValueError(
+                f"topk_group={topk_group} groups of {num_experts // n_group} experts hold fewer than k={k}"
+            )
+    check_float("routed_scaling_factor", routed_scaling_factor, low=0.0, low_open=True)
+
+
+def check_logits(logits: object, name: str = "logits") -> Tensor:
+    """Router logits must be a float [B, L, E] tensor with E ≥ 1 and B·L ≥ 1."""
+    logits = check_tensor(name, logits, ndim=3, floating=True)
+    if logits.shape[-1] < 1 or logits.shape[0] * logits.shape[1] < 1:
+        raise ValueError(
+            f"{name} must have B·L ≥ 1 tokens and E ≥ 1 experts, got shape {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def token_choice(
+    logits: Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    renormalize: bool = True,
+    capacity_factor: float | None = None,
+    expert_bias: Tensor | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+) -> Dispatch:
+    """Token-choice top-k routing on router logits.
+
+    Args:
+        logits: [B, L, E] float router logits (computed in fp32 by the router modules).
+        k: experts per token, 1 ≤ k ≤ E.
+        score: "softmax" or "sigmoid" scores s = f(logits).
+        renormalize: gates of a token's chosen experts are rescaled to sum to 1.
+        capacity_factor: None is dropless; else each expert keeps at most C = ceil(N·k/E · cf)
+            slots, the ones with the largest gates ("probs" drop policy; survivors' gates are
+            not renormalised).
+        expert_bias: [E] loss-free balancing bias added to the scores for *selection only*.
+        n_group, topk_group: group-limited top-k (tokens pick experts from their best groups).
+        routed_scaling_factor: multiplies the gates (LLaDA2 / DeepSeek-V3 use 2.5).
+        aux_loss_coef, z_loss_coef: weights of the Switch aux loss and the router z-loss.
+
+    Returns:
+        Dispatch with slots sorted by expert; `aux_loss` holds the weighted router losses.
+    """
+    logits = check_logits(logits)
+    batch, length, num_experts = logits.shape
+    _check_tc_args(num_experts, k, capacity_factor, expert_bias, n_group, topk_group, routed_scaling_factor)
+    check_float("aux_loss_coef", aux_loss_coef, low=0.0)
+    check_float("z_loss_coef", z_loss_coef, low=0.0)
+    logits_NE = logits.reshape(-1, num_experts).float()
+    num_tokens = logits_NE.shape[0]
+
+    # 1. scores; experts picked on the (possibly biased, group-limited) scores
+    scores_NE = router_scores(logits_NE, score)
+    expert_NK, _ = route_topk_scores(
+        scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group
+    )
+
+    # 2. gates from the unbiased scores
+    gate_NK = scores_NE.gather(1, expert_NK)
+    if renormalize:
+        gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
+    if routed_scaling_factor != 1.0:
+        gate_NK = gate_NK * routed_scaling_factor
+
+    # 3. router losses, from counts before any drop
+    tokens_per_expert = torch.bincount(expert_NK.reshape(-1), minlength=num_experts)
+    aux = logits_NE.new_zeros(())
+    if aux_loss_coef > 0:
+        probs_NE = scores_NE if score == "softmax" else scores_NE / scores_NE.sum(-1, keepdim=True)
+        aux = aux + aux_loss_coef * switch_aux_loss(probs_NE, tokens_per_expert, k)
+    if z_loss_coef > 0:
+        aux = aux + z_loss_coef * z_loss(logits_NE)
+
+    # 4. slots sorted by expert, with capacity dropping
+    valid_NK = None
+    if capacity_factor is not None:
+        capacity = math.ceil(num_tokens * k / num_experts * capacity_factor)
+        valid_NK = _keep_top_capacity(expert_NK, gate_NK.detach(), num_experts, capacity)
+    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(
+        expert_NK, gate_NK, num_experts, valid_NK=valid_NK
+    )
+    return Dispatch(
+        token_index=token_S,
+        expert_index=expert_S,
+        gate=gate_S,
+        counts=counts,
+        num_tokens=num_tokens,
+        batch_shape=(batch, length),
+        num_requested_slots=num_tokens * k,
+        aux_loss=aux,
+        equal_counts=False,
+        requested_counts=tokens_per_expert,
+    )
+
+
+def _keep_top_capacity(expert_NK: Tensor, gate_NK: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """[N, K] bool: slots that survive when each expert keeps its `capacity` largest gates."""
+    expert_S = expert_NK.reshape(-1)
+    by_gate = torch.argsort(gate_NK.reshape(-1), descending=True, stable=True)
+    order = by_gate[torch.argsort(expert_S[by_gate], stable=True)]  # expert asc, gate desc
+    counts = torch.bincount(expert_S, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(expert_S.numel(), device=expert_S.device) - starts[expert_S[order]]
+    keep_S = torch.empty_like(expert_S, dtype=torch.bool)
+    keep_S[order] = rank_in_expert < capacity
+    return keep_S.view_as(expert_NK)
+
+
+def route_topk_scores(
+    scores_NE: Tensor,
+    k: int,
+    *,
+    expert_bias: Tensor | None,
+    n_group: int | None,
+    topk_group: int | None,
+    allowed_NE: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top-k expert choice of each token on (biased) scores, optionally restricted to `allowed_NE`.
+
+    Returns (expert_NK, valid_NK); a pick is invalid when fewer than k experts were allowed.
+    Shared by token choice and block routing.
+    """
+    choice_NE = scores_NE.detach()
+    if expert_bias is not None:
+        choice_NE = choice_NE + expert_bias.float()
+    if n_group is not None:
+        # rank groups on finite values so a group holding more allowed experts wins over one
+        # holding fewer (with -inf, any group short of two allowed experts would tie at -inf)
+        group_choice_NE = choice_NE if allowed_NE is None else choice_NE.masked_fill(~allowed_NE, -1e9)
+        in_group_NE = group_limited_mask(group_choice_NE, n_group, topk_group)  # type: ignore[arg-type]
+        allowed_NE = in_group_NE if allowed_NE is None else allowed_NE & in_group_NE
+    if allowed_NE is not None:
+        choice_NE = choice_NE.masked_fill(~allowed_NE, float("-inf"))
+    values_NK, expert_NK = choice_NE.topk(k, dim=-1)
+    return expert_NK, torch.isfinite(values_NK)
+
+
+__all__ = [
+    "SCORE_FUNCTIONS",
+    "group_limited_mask",
+    "route_topk_scores",
+    "router_scores",
+    "switch_aux_loss",
+    "token_choice",
+    "z_loss",
+]
