@@ -67,7 +67,7 @@ def check_tensor(
     if floating is False and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         raise ValueError(f"{name} must be an integer tensor, got dtype {value.dtype}")
     if shape is not None:
-        ok = value.ndim == len(shape) and all(s is None or s == v for s, v in zip(shape, value.shape))
+        ok = value.ndim == len(shape) and all(s is None or s == v for s, v in zip(shape, value.shape, strict=False))
         if not ok:
             want = tuple("*" if s is None else s for s in shape)
             raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")

@@ -92,9 +92,7 @@ class RouterConfig:
 
     def _check_groups(self) -> None:
         if (self.n_group is None) != (self.topk_group is None):
-            raise ValueError(
-                f"router.n_group and router.topk_group go together, got {self.n_group}, {self.topk_group}"
-            )
+            raise ValueError(f"router.n_group and router.topk_group go together, got {self.n_group}, {self.topk_group}")
         if self.n_group is not None:
             check_int("router.n_group", self.n_group, low=1, high=self.num_experts)
             if self.num_experts % self.n_group:
@@ -105,9 +103,7 @@ class RouterConfig:
         if self.capacity_schedule is None:
             return
         if self.kind != "expert_choice":
-            raise ValueError(
-                "router.capacity_schedule (timestep-dependent capacity) needs kind='expert_choice'"
-            )
+            raise ValueError("router.capacity_schedule (timestep-dependent capacity) needs kind='expert_choice'")
         if self.capacity_schedule not in SCHEDULE_NAMES:
             raise ValueError(
                 f"router.capacity_schedule must be one of {list(SCHEDULE_NAMES)}, got {self.capacity_schedule!r}"

@@ -103,9 +103,7 @@ def block_route(
         gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
     if routed_scaling_factor != 1.0:
         gate_NK = gate_NK * routed_scaling_factor
-    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(
-        expert_NK, gate_NK, num_experts, valid_NK=valid_NK
-    )
+    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(expert_NK, gate_NK, num_experts, valid_NK=valid_NK)
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,

@@ -35,9 +35,7 @@ def _check_k(k: int | Tensor, batch: int, num_experts: int) -> int | Tensor:
     return check_int("k", k, low=1, high=num_experts)
 
 
-def ec_capacities(
-    k: int | Tensor, batch: int, length: int, num_experts: int, pool: str
-) -> tuple[Tensor, int]:
+def ec_capacities(k: int | Tensor, batch: int, length: int, num_experts: int, pool: str) -> tuple[Tensor, int]:
     """Capacity of each pool and the largest one.
 
     Returns (capacity_P int64, max capacity) with P = B pools for "sequence" and P = 1 for "batch".

@@ -73,9 +73,7 @@ def _check_tc_args(
     if expert_bias is not None:
         check_tensor("expert_bias", expert_bias, shape=(num_experts,), floating=True)
     if (n_group is None) != (topk_group is None):
-        raise ValueError(
-            f"n_group and topk_group go together, got n_group={n_group}, topk_group={topk_group}"
-        )
+        raise ValueError(f"n_group and topk_group go together, got n_group={n_group}, topk_group={topk_group}")
     if n_group is not None:
         check_int("n_group", n_group, low=1, high=num_experts)
         if num_experts % n_group:
@@ -92,9 +90,7 @@ def check_logits(logits: object, name: str = "logits") -> Tensor:
     """Router logits must be a float [B, L, E] tensor with E ≥ 1 and B·L ≥ 1."""
     logits = check_tensor(name, logits, ndim=3, floating=True)
     if logits.shape[-1] < 1 or logits.shape[0] * logits.shape[1] < 1:
-        raise ValueError(
-            f"{name} must have B·L ≥ 1 tokens and E ≥ 1 experts, got shape {tuple(logits.shape)}"
-        )
+        raise ValueError(f"{name} must have B·L ≥ 1 tokens and E ≥ 1 experts, got shape {tuple(logits.shape)}")
     return logits
 
 
@@ -140,9 +136,7 @@ def token_choice(
 
     # 1. scores; experts picked on the (possibly biased, group-limited) scores
     scores_NE = router_scores(logits_NE, score)
-    expert_NK, _ = route_topk_scores(
-        scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group
-    )
+    expert_NK, _ = route_topk_scores(scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group)
 
     # 2. gates from the unbiased scores
     gate_NK = scores_NE.gather(1, expert_NK)
@@ -165,9 +159,7 @@ def token_choice(
     if capacity_factor is not None:
         capacity = math.ceil(num_tokens * k / num_experts * capacity_factor)
         valid_NK = _keep_top_capacity(expert_NK, gate_NK.detach(), num_experts, capacity)
-    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(
-        expert_NK, gate_NK, num_experts, valid_NK=valid_NK
-    )
+    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(expert_NK, gate_NK, num_experts, valid_NK=valid_NK)
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
