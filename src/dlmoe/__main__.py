@@ -1,0 +1,5 @@
+import sys
+
+from dlmoe.cli import main
+
+sys.exit(main())
