@@ -28,6 +28,7 @@ import torch
 
 from dlmoe.config import MoEConfig, RouterConfig
 from dlmoe.moe import MoELayer, SwiGLU
+from dlmoe.runtime import tune_cpu_malloc
 
 ROUTER_CASES: dict[str, tuple[dict, str]] = {
     # name: (RouterConfig overrides, expert backend)
@@ -137,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--routers", nargs="+", default=list(ROUTER_CASES), choices=list(ROUTER_CASES))
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     p.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc thresholds alone")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -147,7 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    malloc_tuned = False if args.no_malloc_tuning else tune_cpu_malloc()  # applies to every module timed
     print(
         json.dumps(
             {
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine(),
+                "malloc_tuned": malloc_tuned,
                 "shapes": {k: getattr(args, k) for k in ("experts", "k", "dim", "hidden", "batch", "length")},
             }
         ),

@@ -83,11 +83,21 @@ class RouterConfig:
         check_choice("router.select", self.select, SELECT)
         check_choice("router.gate", self.gate, GATES)
         self._check_schedule()
+        if self.kind == "expert_choice":
+            tc_only = {"capacity_factor": None, "aux_loss_coef": 0.0, "expert_bias": False, "n_group": None}
+            for name, neutral in tc_only.items():
+                if getattr(self, name) != neutral:
+                    raise ValueError(
+                        f"router.{name}={getattr(self, name)!r} applies to token choice only; "
+                        f"expert choice is balanced by construction (leave it at {neutral!r})"
+                    )
         if self.block is not None:
             if isinstance(self.block, dict):
                 self.block = BlockRoutingConfig(**self.block)
             if self.kind != "token_choice":
-                raise ValueError("router.block (dMoE block routing) needs router.kind='token_choice'")
+                raise ValueError(
+                    f"router.block (dMoE block routing) needs router.kind='token_choice', got kind={self.kind!r}"
+                )
             check_int("router.block.guard", self.block.guard, low=1, high=self.num_experts)
 
     def _check_groups(self) -> None:
@@ -103,14 +113,20 @@ class RouterConfig:
         if self.capacity_schedule is None:
             return
         if self.kind != "expert_choice":
-            raise ValueError("router.capacity_schedule (timestep-dependent capacity) needs kind='expert_choice'")
+            raise ValueError(
+                f"router.capacity_schedule={self.capacity_schedule!r} (timestep-dependent capacity) needs "
+                f"router.kind='expert_choice', got kind={self.kind!r}"
+            )
         if self.capacity_schedule not in SCHEDULE_NAMES:
             raise ValueError(
                 f"router.capacity_schedule must be one of {list(SCHEDULE_NAMES)}, got {self.capacity_schedule!r}"
             )
         validate_schedule(self.capacity_schedule, self.schedule_sigma)
         if self.k_min is None or self.k_max is None:
-            raise ValueError("router.capacity_schedule needs router.k_min and router.k_max")
+            raise ValueError(
+                f"router.capacity_schedule={self.capacity_schedule!r} needs router.k_min and router.k_max "
+                f"(ints, 1 <= k_min <= k_max <= num_experts), got k_min={self.k_min}, k_max={self.k_max}"
+            )
         check_int("router.k_min", self.k_min, low=1, high=self.num_experts)
         check_int("router.k_max", self.k_max, low=1, high=self.num_experts)
         if self.k_min > self.k_max:

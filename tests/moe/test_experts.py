@@ -4,9 +4,10 @@ Compared quantities: the output rows, and the gradients w.r.t. the input rows an
 weight tensors, for equal counts (the expert-choice bmm path) and ragged counts (experts with 0
 rows included), in fp32 (tight) and under bf16 autocast (loose).
 
-torch's grouped GEMM needs 16-byte aligned strides, so the grouped_mm / auto-ragged draws use
-widths that are multiples of 8 elements; misaligned widths and S = 0 rows are pinned down by the
-strict xfails at the end of the file (known src limitations, see the messages there).
+torch's grouped GEMM needs 16-byte aligned row strides: `backend="grouped_mm"` takes widths that
+are multiples of 8 (others raise), and "auto" falls back to bmm for other widths — so the "auto"
+draws mix aligned and unaligned widths. S = 0 rows in total (an expert-parallel rank that received
+nothing) must work on every backend.
 """
 
 from __future__ import annotations
@@ -30,10 +31,6 @@ BF16_RTOL = 2e-2
 # helpers
 
 
-def _uses_grouped_mm(backend: str, equal_counts: bool) -> bool:
-    return backend == "grouped_mm" or (backend == "auto" and not equal_counts)
-
-
 def _make_experts(num_experts: int, dim: int, hidden: int, backend: str, device: str = "cpu") -> Experts:
     experts = Experts(num_experts, dim, hidden, backend=backend).to(device)
     with torch.no_grad():  # O(1) outputs, so relative comparisons are meaningful
@@ -49,16 +46,28 @@ def _clone_with_backend(src: Experts, backend: str) -> Experts:
 
 
 def _run(
-    experts: Experts, x: torch.Tensor, counts: torch.Tensor, upstream: torch.Tensor | None, equal: bool, bf16: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward + backward of `(y * upstream).sum()` (or `y.sum()`); returns y and the three grads."""
+    experts: Experts,
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    upstream: torch.Tensor | None,
+    equal: bool,
+    bf16: bool,
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Forward + backward of `(y * upstream).sum()` (or `y.sum()`); returns y and the grads
+    (x, gate_up_proj, down_proj, and the per-row gate when one is given)."""
     experts.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
+    args = (x, counts)
+    if gate is not None:
+        gate = gate.detach().clone().requires_grad_(True)
+        args = (x, counts, gate)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        y = experts(x, counts, equal_counts=equal)
+        y = experts(*args, equal_counts=equal)
     loss = y.sum() if upstream is None else (y.float() * upstream).sum()
     loss.backward()
-    return y.detach(), x.grad, experts.gate_up_proj.grad, experts.down_proj.grad
+    out = (y.detach(), x.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
+    return out if gate is None else (*out, gate.grad)
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
@@ -73,7 +82,14 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
 
 
 def _compare_backend_to_loop(
-    backend: str, counts: list[int], dim: int, hidden: int, equal: bool, bf16: bool, device: str = "cpu"
+    backend: str,
+    counts: list[int],
+    dim: int,
+    hidden: int,
+    equal: bool,
+    bf16: bool,
+    device: str = "cpu",
+    with_gate: bool = False,
 ) -> None:
     num_experts = len(counts)
     counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
@@ -82,11 +98,15 @@ def _compare_backend_to_loop(
     fast = _clone_with_backend(ref, backend)
     x = torch.randn(rows, dim, device=device)
     upstream = torch.randn(rows, dim, device=device)
-    got = _run(fast, x, counts_t, upstream, equal, bf16)
-    want = _run(ref, x, counts_t, upstream, equal, bf16)
+    gate = torch.rand(rows, device=device) if with_gate else None
+    got = _run(fast, x, counts_t, upstream, equal, bf16, gate)
+    want = _run(ref, x, counts_t, upstream, equal, bf16, gate)
     rtol = BF16_RTOL if bf16 else FP32_RTOL
-    for name, g, w in zip(("y", "grad x", "grad gate_up_proj", "grad down_proj"), got, want, strict=True):
-        assert_rel_close(g, w, rtol, f"{backend} {name} counts={counts} D={dim} F={hidden} bf16={bf16}")
+    names = ("y", "grad x", "grad gate_up_proj", "grad down_proj", "grad gate")
+    assert len(got) == len(want) == (5 if with_gate else 4)
+    for name, g, w in zip(names, got, want, strict=False):
+        what = f"{backend} {name} counts={counts} D={dim} F={hidden} bf16={bf16} gate={with_gate}"
+        assert_rel_close(g, w, rtol, what)
     # the reference really is per expert: an expert with no rows gets an exactly zero weight gradient
     for e, c in enumerate(counts):
         if c == 0:
@@ -96,10 +116,11 @@ def _compare_backend_to_loop(
 @st.composite
 def _shapes(draw: st.DrawFn, backend: str, equal: bool, bf16: bool) -> tuple[list[int], int, int]:
     num_experts = draw(st.integers(1, 8))
-    if _uses_grouped_mm(backend, equal):
-        step = 8 if bf16 else 4  # 16-byte aligned rows for torch's grouped GEMM
-        dim = draw(st.integers(1, 32 // step)) * step
-        hidden = draw(st.integers(1, 32 // step)) * step
+    aligned = st.sampled_from([8, 16, 24, 32])  # 16-byte aligned rows for torch's grouped GEMM
+    if backend == "grouped_mm":
+        dim, hidden = draw(aligned), draw(aligned)
+    elif backend == "auto":  # both: auto's grouped_mm path needs aligned widths, its bmm fallback the rest
+        dim, hidden = draw(st.one_of(aligned, st.integers(4, 32))), draw(st.one_of(aligned, st.integers(4, 32)))
     else:
         dim, hidden = draw(st.integers(4, 32)), draw(st.integers(4, 32))
     if equal:
@@ -121,7 +142,8 @@ def _shapes(draw: st.DrawFn, backend: str, equal: bool, bf16: bool) -> tuple[lis
 @given(data=st.data())
 def test_backend_matches_loop_fp32(backend: str, equal: bool, data: st.DataObject) -> None:
     counts, dim, hidden = data.draw(_shapes(backend, equal, bf16=False))
-    _compare_backend_to_loop(backend, counts, dim, hidden, equal, bf16=False)
+    with_gate = data.draw(st.booleans(), label="with_gate")
+    _compare_backend_to_loop(backend, counts, dim, hidden, equal, bf16=False, with_gate=with_gate)
 
 
 @pytest.mark.parametrize("equal", [True, False], ids=["equal_counts", "ragged"])
@@ -130,13 +152,36 @@ def test_backend_matches_loop_fp32(backend: str, equal: bool, data: st.DataObjec
 @given(data=st.data())
 def test_backend_matches_loop_bf16_autocast(backend: str, equal: bool, data: st.DataObject) -> None:
     counts, dim, hidden = data.draw(_shapes(backend, equal, bf16=True))
-    _compare_backend_to_loop(backend, counts, dim, hidden, equal, bf16=True)
+    with_gate = data.draw(st.booleans(), label="with_gate")
+    _compare_backend_to_loop(backend, counts, dim, hidden, equal, bf16=True, with_gate=with_gate)
 
 
+@pytest.mark.parametrize("with_gate", [False, True])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_ragged_with_empty_experts_explicit(backend: str) -> None:
+def test_ragged_with_empty_experts_explicit(backend: str, with_gate: bool) -> None:
     """A fixed ragged case with empty experts at the start, middle and end."""
-    _compare_backend_to_loop(backend, [0, 3, 0, 0, 5, 1, 0], dim=16, hidden=8, equal=False, bf16=False)
+    counts = [0, 3, 0, 0, 5, 1, 0]
+    _compare_backend_to_loop(backend, counts, dim=16, hidden=8, equal=False, bf16=False, with_gate=with_gate)
+
+
+@pytest.mark.parametrize("equal", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_gate_scales_each_output_row(backend: str, equal: bool) -> None:
+    """Experts(x, counts, gate)[s] = gate[s] · Experts(x, counts)[s]; the gate gets ⟨∂L/∂y_s, Expert(x_s)⟩."""
+    counts = torch.tensor([3, 3, 3, 3]) if equal else torch.tensor([2, 0, 5, 1])
+    rows = int(counts.sum())
+    experts = _make_experts(4, 16, 8, backend)
+    x = torch.randn(rows, 16)
+    gate = torch.rand(rows)
+    gate[1] = 0.0
+    gate_g = gate.clone().requires_grad_(True)
+    y_gated = experts(x, counts, gate_g, equal_counts=equal)
+    y_plain = experts(x, counts, equal_counts=equal).detach()
+    assert_rel_close(y_gated.detach(), gate[:, None] * y_plain, FP32_RTOL, "gated rows")
+    assert torch.count_nonzero(y_gated[1]) == 0  # a zero gate gives an exactly zero row
+    upstream = torch.randn(rows, 16)
+    (y_gated * upstream).sum().backward()
+    assert_rel_close(gate_g.grad, (upstream * y_plain).sum(-1), FP32_RTOL, "grad gate")
 
 
 def test_loop_matches_per_row_formula() -> None:
@@ -263,13 +308,28 @@ def test_autocast_bf16_is_close_to_fp32() -> None:
 # resolve_backend and validation
 
 
-def test_auto_resolves_by_counts() -> None:
-    experts = Experts(2, 8, 8, backend="auto")
+def test_auto_resolves_by_counts_and_alignment() -> None:
+    experts = Experts(2, 8, 16, backend="auto")
     assert experts.resolve_backend(equal_counts=True) == "bmm"
     assert experts.resolve_backend(equal_counts=False) == "grouped_mm"
+    for dim, hidden in [(6, 8), (8, 6), (5, 5), (12, 8)]:  # unaligned widths: grouped GEMM can't run
+        unaligned = Experts(2, dim, hidden, backend="auto")
+        assert unaligned.resolve_backend(equal_counts=True) == unaligned.resolve_backend(equal_counts=False) == "bmm"
     for backend in ("loop", "bmm", "grouped_mm"):
         fixed = Experts(2, 8, 8, backend=backend)
         assert fixed.resolve_backend(True) == fixed.resolve_backend(False) == backend
+
+
+@pytest.mark.parametrize(("dim", "hidden"), [(6, 8), (8, 6), (5, 5), (4, 4), (12, 16)])
+def test_grouped_mm_rejects_unaligned_widths(dim: int, hidden: int) -> None:
+    with pytest.raises(ValueError, match="grouped_mm"):
+        Experts(2, dim, hidden, backend="grouped_mm")
+
+
+@pytest.mark.parametrize(("dim", "hidden"), [(6, 8), (8, 6), (5, 5)])
+def test_auto_with_unaligned_widths_matches_loop(dim: int, hidden: int) -> None:
+    _compare_backend_to_loop("auto", [2, 0, 3], dim, hidden, equal=False, bf16=False)
+    _compare_backend_to_loop("auto", [2, 0, 3], dim, hidden, equal=False, bf16=True)
 
 
 @pytest.mark.parametrize(
@@ -295,39 +355,25 @@ def test_weight_shapes_follow_transformers_layout() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# known src limitations (strict xfails: they start failing — i.e. XPASS — once src is fixed)
+# no rows at all
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="src bug: swiglu_grouped_mm passes widths that are not 16-byte aligned straight to "
-    "F.grouped_mm ('strides should be multiple of 16 bytes'); auto picks grouped_mm for ragged counts",
-)
-@pytest.mark.parametrize("backend", ["grouped_mm", "auto"])
-@pytest.mark.parametrize(("dim", "hidden"), [(6, 8), (8, 6), (5, 5)])
-def test_grouped_mm_misaligned_widths(backend: str, dim: int, hidden: int) -> None:
-    _compare_backend_to_loop(backend, [2, 0, 3], dim, hidden, equal=False, bf16=False)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="src bug: with S = 0 rows in total (e.g. an expert-parallel rank that receives no tokens) "
-    "bmm fails on an ambiguous reshape of 0 elements and grouped_mm rejects the empty operand",
-)
-@pytest.mark.parametrize(("backend", "equal"), [("bmm", False), ("bmm", True), ("grouped_mm", False)])
-def test_zero_rows_total(backend: str, equal: bool) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("equal", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_total(backend: str, equal: bool, bf16: bool) -> None:
+    """S = 0 (e.g. an expert-parallel rank that received no tokens): empty output, zero weight grads."""
     counts = torch.zeros(3, dtype=torch.int64)
-    ref = _make_experts(3, 8, 8, "loop")
-    fast = _clone_with_backend(ref, backend)
+    experts = _make_experts(3, 8, 8, backend)
     x = torch.randn(0, 8, requires_grad=True)
-    y_ref = ref(x, counts, equal_counts=equal)
-    assert y_ref.shape == (0, 8)
-    y = fast(x, counts, equal_counts=equal)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = experts(x, counts, equal_counts=equal)
     assert y.shape == (0, 8)
+    assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
     y.sum().backward()
-    assert torch.count_nonzero(fast.gate_up_proj.grad) == 0
+    assert x.grad is None or x.grad.shape == (0, 8)  # nothing to differentiate: either is fine
+    for w in (experts.gate_up_proj, experts.down_proj):
+        assert w.grad is not None and torch.count_nonzero(w.grad) == 0
 
 
 # ---------------------------------------------------------------------------------------------

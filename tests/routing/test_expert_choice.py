@@ -47,9 +47,9 @@ def reference_choice(logits: torch.Tensor, k: int | torch.Tensor, pool: str, sel
     rank = flat if select == "logit" else torch.softmax(flat, dim=-1)
     rank_rows = rank.tolist()
     if pool == "sequence":
-        pools = [(list(range(b * length, (b + 1) * length)), max(length * ks[b] // num_experts, 1)) for b in range(batch)]
+        pools = [(range(b * length, (b + 1) * length), max(length * ks[b] // num_experts, 1)) for b in range(batch)]
     else:
-        pools = [(list(range(batch * length)), max(length * sum(ks) // num_experts, 1))]
+        pools = [(range(batch * length), max(length * sum(ks) // num_experts, 1))]
     chosen = set()
     for tokens, cap in pools:
         for e in range(num_experts):
@@ -58,12 +58,12 @@ def reference_choice(logits: torch.Tensor, k: int | torch.Tensor, pool: str, sel
     return chosen
 
 
-def slots(d) -> list[tuple[int, int]]:  # noqa: ANN001
+def slots(d) -> list[tuple[int, int]]:
     return list(zip(d.token_index.tolist(), d.expert_index.tolist(), strict=True))
 
 
 @given(ec_cases())
-def test_sequence_pool_each_expert_holds_capacity_of_every_sequence(case) -> None:  # noqa: ANN001
+def test_sequence_pool_each_expert_holds_capacity_of_every_sequence(case) -> None:
     logits, k = case
     batch, length, num_experts = logits.shape
     d = expert_choice(logits, k, pool="sequence")
@@ -78,7 +78,7 @@ def test_sequence_pool_each_expert_holds_capacity_of_every_sequence(case) -> Non
 
 
 @given(ec_cases())
-def test_batch_pool_capacity_is_shared_budget(case) -> None:  # noqa: ANN001
+def test_batch_pool_capacity_is_shared_budget(case) -> None:
     logits, k = case
     batch, length, num_experts = logits.shape
     d = expert_choice(logits, k, pool="batch")
@@ -91,7 +91,7 @@ def test_batch_pool_capacity_is_shared_budget(case) -> None:  # noqa: ANN001
 
 
 @given(ec_cases(), st.sampled_from(["sequence", "batch"]), st.sampled_from(["logit", "score"]))
-def test_selection_matches_brute_force_top_c(case, pool: str, select: str) -> None:  # noqa: ANN001
+def test_selection_matches_brute_force_top_c(case, pool: str, select: str) -> None:
     logits, k = case
     d = expert_choice(logits, k, pool=pool, select=select)
     assert set(slots(d)) == reference_choice(logits, k, pool, select)
@@ -103,13 +103,13 @@ def test_logit_and_score_selection_differ() -> None:
     logits = torch.tensor([[[2.0, 5.0], [1.0, -5.0]]])
     by_logit = expert_choice(logits, 1, select="logit")
     by_score = expert_choice(logits, 1, select="score")
-    pick = lambda d: {e: t for t, e in slots(d)}  # noqa: E731
+    pick = lambda d: {e: t for t, e in slots(d)}
     assert pick(by_logit)[0] == 0
     assert pick(by_score)[0] == 1
 
 
 @given(ec_cases(), st.sampled_from(["sequence", "batch"]))
-def test_restricted_gates_are_softmax_over_choosing_experts(case, pool: str) -> None:  # noqa: ANN001
+def test_restricted_gates_are_softmax_over_choosing_experts(case, pool: str) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     d = expert_choice(logits, k, pool=pool, gate="restricted")
@@ -134,7 +134,7 @@ def test_restricted_gates_are_softmax_over_choosing_experts(case, pool: str) -> 
 
 
 @given(ec_cases(), st.sampled_from(["logit", "score"]))
-def test_full_gate_is_full_softmax(case, select: str) -> None:  # noqa: ANN001
+def test_full_gate_is_full_softmax(case, select: str) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     d = expert_choice(logits, k, select=select, gate="full")
@@ -143,7 +143,7 @@ def test_full_gate_is_full_softmax(case, select: str) -> None:  # noqa: ANN001
 
 
 @given(ec_cases(), st.sampled_from(["sequence", "batch"]))
-def test_equal_counts_and_sorted_experts(case, pool: str) -> None:  # noqa: ANN001
+def test_equal_counts_and_sorted_experts(case, pool: str) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     d = expert_choice(logits, k, pool=pool)
@@ -158,7 +158,7 @@ def test_equal_counts_and_sorted_experts(case, pool: str) -> None:  # noqa: ANN0
 
 
 @given(ec_cases(), st.sampled_from(["restricted", "full"]), st.integers(0, 2**31 - 1))
-def test_gradient_flows_to_logits_and_matches_reference(case, gate: str, seed: int) -> None:  # noqa: ANN001
+def test_gradient_flows_to_logits_and_matches_reference(case, gate: str, seed: int) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     logits = logits.clone().requires_grad_(True)
@@ -195,7 +195,7 @@ def test_gradient_finite_with_zero_expert_tokens() -> None:
 
 
 @given(ec_cases(), st.floats(1e-4, 1.0))
-def test_z_loss_added(case, coef: float) -> None:  # noqa: ANN001
+def test_z_loss_added(case, coef: float) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     assert float(expert_choice(logits, k).aux_loss) == 0.0

@@ -40,7 +40,12 @@ def reference_topk(choice_NE: torch.Tensor, k: int) -> list[set[int]]:
     return [set(sorted(range(len(r)), key=lambda e, r=r: -r[e])[:k]) for r in rows]
 
 
-def per_token(d) -> dict[int, dict[int, float]]:  # noqa: ANN001
+def slot_gates(d) -> dict[tuple[int, int], float]:
+    pairs = zip(d.token_index.tolist(), d.expert_index.tolist(), strict=True)
+    return dict(zip(pairs, d.gate.tolist(), strict=True))
+
+
+def per_token(d) -> dict[int, dict[int, float]]:
     out: dict[int, dict[int, float]] = {t: {} for t in range(d.num_tokens)}
     for t, e, g in zip(d.token_index.tolist(), d.expert_index.tolist(), d.gate.tolist(), strict=True):
         assert e not in out[t], "token routed twice to the same expert"
@@ -54,7 +59,7 @@ def per_token(d) -> dict[int, dict[int, float]]:  # noqa: ANN001
     st.one_of(st.none(), st.floats(0.1, 2.0)),
     st.booleans(),
 )
-def test_at_most_k_distinct_experts_per_token(case, score: str, cf: float | None, renorm: bool) -> None:  # noqa: ANN001
+def test_at_most_k_distinct_experts_per_token(case, score: str, cf: float | None, renorm: bool) -> None:
     logits, k = case
     d = token_choice(logits, k, score=score, capacity_factor=cf, renormalize=renorm)
     routed = per_token(d)
@@ -65,7 +70,7 @@ def test_at_most_k_distinct_experts_per_token(case, score: str, cf: float | None
 
 
 @given(tc_cases(), st.sampled_from(["softmax", "sigmoid"]), st.booleans())
-def test_dropless_matches_brute_force_topk(case, score: str, renorm: bool) -> None:  # noqa: ANN001
+def test_dropless_matches_brute_force_topk(case, score: str, renorm: bool) -> None:
     logits, k = case
     d = token_choice(logits, k, score=score, renormalize=renorm)
     assert d.num_slots == d.num_tokens * k
@@ -83,7 +88,7 @@ def test_dropless_matches_brute_force_topk(case, score: str, renorm: bool) -> No
 
 
 @given(tc_cases(), st.floats(0.05, 2.0), st.sampled_from(["softmax", "sigmoid"]), st.booleans())
-def test_capacity_keeps_top_gates_of_overloaded_experts(case, cf: float, score: str, renorm: bool) -> None:  # noqa: ANN001
+def test_capacity_keeps_top_gates_of_overloaded_experts(case, cf: float, score: str, renorm: bool) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     full = token_choice(logits, k, score=score, renormalize=renorm)
@@ -91,8 +96,8 @@ def test_capacity_keeps_top_gates_of_overloaded_experts(case, cf: float, score: 
     cap = math.ceil(d.num_tokens * k / num_experts * cf)
     assert int(d.counts.max()) <= cap
     assert torch.equal(d.requested_counts, full.counts)
-    all_slots = {(t, e): g for t, e, g in zip(full.token_index.tolist(), full.expert_index.tolist(), full.gate.tolist())}
-    kept = {(t, e): g for t, e, g in zip(d.token_index.tolist(), d.expert_index.tolist(), d.gate.tolist())}
+    all_slots = slot_gates(full)
+    kept = slot_gates(d)
     assert set(kept) <= set(all_slots)
     for (t, e), g in kept.items():  # survivors keep their gates (no renormalisation after the drop)
         assert g == all_slots[(t, e)]
@@ -118,7 +123,7 @@ def test_capacity_drop_example() -> None:
 
 
 @given(tc_cases(), st.integers(0, 2**31 - 1), st.sampled_from(["softmax", "sigmoid"]), st.booleans())
-def test_expert_bias_selects_but_gates_are_unbiased(case, seed: int, score: str, renorm: bool) -> None:  # noqa: ANN001
+def test_expert_bias_selects_but_gates_are_unbiased(case, seed: int, score: str, renorm: bool) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     bias = torch.rand(num_experts, generator=torch.Generator().manual_seed(seed)) * 0.6 - 0.3
@@ -157,7 +162,7 @@ def group_cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int]:
 
 
 @given(group_cases(), st.sampled_from(["softmax", "sigmoid"]))
-def test_group_limited_topk(case, score: str) -> None:  # noqa: ANN001
+def test_group_limited_topk(case, score: str) -> None:
     logits, k, n_group, topk_group = case
     num_experts = logits.shape[-1]
     gsize = num_experts // n_group
@@ -184,7 +189,7 @@ def test_group_limited_example() -> None:
 
 
 @given(tc_cases(), st.floats(0.1, 5.0), st.sampled_from(["softmax", "sigmoid"]), st.booleans())
-def test_routed_scaling_factor_multiplies_gates(case, factor: float, score: str, renorm: bool) -> None:  # noqa: ANN001
+def test_routed_scaling_factor_multiplies_gates(case, factor: float, score: str, renorm: bool) -> None:
     logits, k = case
     base = token_choice(logits, k, score=score, renormalize=renorm)
     scaled = token_choice(logits, k, score=score, renormalize=renorm, routed_scaling_factor=factor)
@@ -194,7 +199,7 @@ def test_routed_scaling_factor_multiplies_gates(case, factor: float, score: str,
 
 
 @given(tc_cases(), st.floats(1e-3, 1.0), st.sampled_from(["softmax", "sigmoid"]), st.one_of(st.none(), st.just(0.5)))
-def test_aux_loss_formula(case, alpha: float, score: str, cf: float | None) -> None:  # noqa: ANN001
+def test_aux_loss_formula(case, alpha: float, score: str, cf: float | None) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     d = token_choice(logits, k, score=score, aux_loss_coef=alpha, capacity_factor=cf)
@@ -230,7 +235,7 @@ def test_aux_loss_above_alpha_when_imbalanced() -> None:
 
 
 @given(tc_cases(), st.floats(1e-4, 1.0), st.sampled_from(["softmax", "sigmoid"]))
-def test_z_loss_formula(case, beta: float, score: str) -> None:  # noqa: ANN001
+def test_z_loss_formula(case, beta: float, score: str) -> None:
     logits, k = case
     flat = logits.reshape(-1, logits.shape[-1]).double()
     ref = beta * sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in flat.tolist()) / flat.shape[0]
@@ -240,7 +245,7 @@ def test_z_loss_formula(case, beta: float, score: str) -> None:  # noqa: ANN001
 
 
 @given(tc_cases(), st.integers(0, 2**31 - 1), st.one_of(st.none(), st.floats(0.2, 1.5)))
-def test_combine_equals_dense_sum(case, seed: int, cf: float | None) -> None:  # noqa: ANN001
+def test_combine_equals_dense_sum(case, seed: int, cf: float | None) -> None:
     logits, k = case
     num_experts = logits.shape[-1]
     g = torch.Generator().manual_seed(seed)

@@ -2,15 +2,21 @@
 
 Weights are stacked per expert in the nn.Linear (out × in) layout that transformers v5 uses for
 fused experts: `gate_up_proj` [E, 2F, D] (gate rows first, then up rows) and `down_proj`
-[E, D, F]. The expert input is the dispatched rows [S, D] sorted by expert plus `counts` [E];
-nothing here knows about routers, so expert parallelism can exchange rows in between.
+[E, D, F]. The expert input is the dispatched rows [S, D] sorted by expert plus `counts` [E]
+and, optionally, each row's gate [S]; nothing here knows about routers, so expert parallelism
+can exchange rows in between.
+
+The gate is applied to the SwiGLU activation [S, F] before the down projection — the same
+result as scaling the output [S, D] (the projection is linear), on half the elements when
+F = D/2, and one [S, D] temporary fewer in forward and backward.
 
 Backends (all equal to `loop`, the reference, in forward and backward):
   loop        one matmul pair per expert (Python loop; reads counts back to the host)
   bmm         dense [E, C, D] batched matmul; free when counts are equal (EC), else rows are
               padded to the largest count (capacity-padded TC)
   grouped_mm  torch grouped GEMM over ragged int32 offsets (dropless TC)
-  auto        bmm when counts are equal, grouped_mm otherwise
+  auto        bmm when counts are equal, grouped_mm otherwise (bmm when widths are not
+              multiples of 8: grouped GEMM needs 16-byte-aligned row strides)
 
 Letters: S slots, D model width, F expert width, H = 2F, E experts, C rows per expert.
 """
@@ -36,41 +42,57 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _swiglu(h_SH: Tensor) -> Tensor:
+def _swiglu(h_SH: Tensor, gate_S: Tensor | None = None) -> Tensor:
+    """silu(h_gate) · h_up, times the per-row gate when given."""
     gate_SF, up_SF = h_SH.chunk(2, dim=-1)
-    return F.silu(gate_SF) * up_SF
+    act_SF = F.silu(gate_SF) * up_SF
+    return act_SF if gate_S is None else act_SF * gate_S.to(act_SF.dtype).unsqueeze(-1)
 
 
-def swiglu_loop(x_SD: Tensor, counts: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor) -> Tensor:
-    """Reference: one (x @ W_guᵀ → SwiGLU → @ W_dᵀ) per expert on its contiguous rows."""
+def swiglu_loop(
+    x_SD: Tensor, counts: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor, gate_S: Tensor | None = None
+) -> Tensor:
+    """Reference: one (x @ W_guᵀ → SwiGLU (· gate) → @ W_dᵀ) per expert on its contiguous rows."""
+    sizes = counts.tolist()
+    gates = gate_S.split(sizes) if gate_S is not None else [None] * len(sizes)
     outputs = []
-    for e, rows_SD in enumerate(x_SD.split(counts.tolist())):
-        outputs.append(F.linear(_swiglu(F.linear(rows_SD, w_gate_up_EHD[e])), w_down_EDF[e]))
+    for e, (rows_SD, g_S) in enumerate(zip(x_SD.split(sizes), gates, strict=True)):
+        outputs.append(F.linear(_swiglu(F.linear(rows_SD, w_gate_up_EHD[e]), g_S), w_down_EDF[e]))
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, w_down_EDF.shape[1])
 
 
 def swiglu_bmm(
-    x_SD: Tensor, counts: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor, *, equal_counts: bool = False
+    x_SD: Tensor,
+    counts: Tensor,
+    w_gate_up_EHD: Tensor,
+    w_down_EDF: Tensor,
+    gate_S: Tensor | None = None,
+    *,
+    equal_counts: bool = False,
 ) -> Tensor:
     """Batched matmul over [E, C, D]. With unequal counts, rows are padded to C = max(counts)."""
     num_experts = w_gate_up_EHD.shape[0]
     if equal_counts:
         rows_per_expert = x_SD.shape[0] // num_experts
         x_ECD = x_SD.view(num_experts, rows_per_expert, x_SD.shape[-1])
-        return _bmm_swiglu(x_ECD, w_gate_up_EHD, w_down_EDF).reshape(x_SD.shape[0], -1)
-    # pad: slot s of expert e goes to row (e, s − offset_e)
+        gate_EC = None if gate_S is None else gate_S.view(num_experts, rows_per_expert)
+        return _bmm_swiglu(x_ECD, w_gate_up_EHD, w_down_EDF, gate_EC).reshape(x_SD.shape[0], -1)
+    # pad: slot s of expert e goes to row (e, s − offset_e); padded rows get gate 0 and are dropped
     capacity = int(counts.max()) if counts.numel() else 0
     expert_S = torch.repeat_interleave(torch.arange(num_experts, device=x_SD.device), counts)
     starts_E = torch.cumsum(counts, 0) - counts
     row_S = expert_S * capacity + torch.arange(x_SD.shape[0], device=x_SD.device) - starts_E[expert_S]
     x_padded = x_SD.new_zeros(num_experts * capacity, x_SD.shape[-1]).index_copy(0, row_S, x_SD)
-    y_ECD = _bmm_swiglu(x_padded.view(num_experts, capacity, -1), w_gate_up_EHD, w_down_EDF)
+    gate_EC = None
+    if gate_S is not None:
+        gate_EC = gate_S.new_zeros(num_experts * capacity).index_copy(0, row_S, gate_S).view(num_experts, capacity)
+    y_ECD = _bmm_swiglu(x_padded.view(num_experts, capacity, -1), w_gate_up_EHD, w_down_EDF, gate_EC)
     return y_ECD.reshape(num_experts * capacity, -1).index_select(0, row_S)
 
 
-def _bmm_swiglu(x_ECD: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor) -> Tensor:
+def _bmm_swiglu(x_ECD: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor, gate_EC: Tensor | None) -> Tensor:
     h_ECH = torch.bmm(x_ECD, w_gate_up_EHD.transpose(1, 2))
-    return torch.bmm(_swiglu(h_ECH), w_down_EDF.transpose(1, 2))
+    return torch.bmm(_swiglu(h_ECH, gate_EC), w_down_EDF.transpose(1, 2))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -88,16 +110,18 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def swiglu_grouped_mm(x_SD: Tensor, counts: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor) -> Tensor:
+def swiglu_grouped_mm(
+    x_SD: Tensor, counts: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor, gate_S: Tensor | None = None
+) -> Tensor:
     """Grouped GEMM over ragged groups delimited by int32 offsets (no padding, no host sync)."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     h_SH = _ContiguousGrad.apply(F.grouped_mm(x_SD, w_gate_up_EHD.transpose(1, 2), offs=offsets))
-    y_SD = F.grouped_mm(_swiglu(h_SH), w_down_EDF.transpose(1, 2), offs=offsets)
+    y_SD = F.grouped_mm(_swiglu(h_SH, gate_S), w_down_EDF.transpose(1, 2), offs=offsets)
     return _ContiguousGrad.apply(y_SD)
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts with stacked weights; `forward(rows [S, D], counts [E]) -> [S, D]`."""
+    """E SwiGLU experts with stacked weights; `forward(rows [S, D], counts [E], gate [S]) -> [S, D]`."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto") -> None:
         super().__init__()
@@ -106,6 +130,11 @@ class Experts(nn.Module):
         check_int("hidden", hidden, low=1)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        if backend == "grouped_mm" and not self.grouped_mm_aligned:
+            raise ValueError(
+                f"backend='grouped_mm' needs dim and hidden to be multiples of 8 (16-byte aligned rows), "
+                f"got dim={dim}, hidden={hidden}; use backend='bmm' or 'auto'"
+            )
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.reset_parameters()
@@ -115,26 +144,35 @@ class Experts(nn.Module):
         # scaled like a residual-branch output projection (GPT-2 / nanoGPT practice)
         nn.init.normal_(self.down_proj, std=std / math.sqrt(2.0))
 
+    @property
+    def grouped_mm_aligned(self) -> bool:
+        return self.dim % 8 == 0 and self.hidden % 8 == 0
+
     def resolve_backend(self, equal_counts: bool) -> str:
         if self.backend != "auto":
             return self.backend
-        return "bmm" if equal_counts else "grouped_mm"
+        return "bmm" if equal_counts or not self.grouped_mm_aligned else "grouped_mm"
 
-    def forward(self, x_SD: Tensor, counts: Tensor, *, equal_counts: bool = False) -> Tensor:
+    def forward(
+        self, x_SD: Tensor, counts: Tensor, gate_S: Tensor | None = None, *, equal_counts: bool = False
+    ) -> Tensor:
         """Apply expert e to its rows `offsets[e]:offsets[e]+counts[e]` of `x_SD` (sorted by expert).
 
-        Under autocast the matmuls run in the autocast dtype (weights cast once per call).
+        With `gate_S`, row s is scaled by its gate (y_s = gate_s · Expert(x_s)). Under autocast the
+        matmuls run in the autocast dtype (weights cast once per call).
         """
         dtype = compute_dtype(x_SD)
         x = x_SD.to(dtype)
         w_gu, w_d = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         backend = self.resolve_backend(equal_counts)
+        if x.shape[0] == 0:  # e.g. an expert-parallel rank that received no rows: zero grads, not None
+            return x.new_zeros(0, self.dim) + 0.0 * (w_gu.sum() + w_d.sum())
         with torch.autocast(x_SD.device.type, enabled=False):
             if backend == "loop":
-                return swiglu_loop(x, counts, w_gu, w_d)
+                return swiglu_loop(x, counts, w_gu, w_d, gate_S)
             if backend == "bmm":
-                return swiglu_bmm(x, counts, w_gu, w_d, equal_counts=equal_counts)
-            return swiglu_grouped_mm(x, counts, w_gu, w_d)
+                return swiglu_bmm(x, counts, w_gu, w_d, gate_S, equal_counts=equal_counts)
+            return swiglu_grouped_mm(x, counts, w_gu, w_d, gate_S)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, backend={self.backend}"

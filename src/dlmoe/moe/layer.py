@@ -30,8 +30,9 @@ class MoELayer(nn.Module):
     Forward, in order:
       1. route: the router turns x [B, L, D] (and the per-sample mask ratio) into a `Dispatch`;
       2. dispatch: gather the rows of x each slot carries, sorted by expert → [S, D];
-      3. experts: `self.experts(rows, counts)` — the one place expert parallelism wraps;
-      4. combine: out[t] = Σ_slots gate · y, by index_add (unchosen tokens get zeros);
+      3. experts: `self.experts(rows, counts, gates)` → gate · Expert(row) — the one place expert
+         parallelism wraps;
+      4. combine: out[t] = Σ_slots of t, by index_add (unchosen tokens get zeros);
       5. shared experts (if any) are added densely.
     """
 
@@ -53,8 +54,8 @@ class MoELayer(nn.Module):
 
         dispatch = self.router(x_BLD, mask_ratio)
         rows_SD = dispatch.gather(x_ND)
-        y_SD = self.experts(rows_SD, dispatch.counts, equal_counts=dispatch.equal_counts)
-        out_ND = dispatch.combine(y_SD)
+        y_SD = self.experts(rows_SD, dispatch.counts, dispatch.gate, equal_counts=dispatch.equal_counts)
+        out_ND = dispatch.combine(y_SD, apply_gate=False)
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         out_BLD = out_ND.view(batch, length, dim)

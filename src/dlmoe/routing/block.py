@@ -39,12 +39,16 @@ def block_votes(choice_BLE: Tensor, k: int, block_size: int) -> Tensor:
 
 
 def top_p_coreset(votes_BPE: Tensor, top_p: float, guard: int) -> Tensor:
-    """[B, P, E] bool: smallest top-voted set with cumulative vote ≥ top_p, at least `guard` large."""
-    sorted_votes, order = votes_BPE.sort(dim=-1, descending=True, stable=True)
+    """[B, P, E] bool: smallest top-voted set with cumulative vote ≥ top_p, at least `guard` large.
+
+    Experts with no vote are never needed to reach top_p (exactly, votes sum to 1); excluding
+    them keeps fp rounding of the cumulative sum (e.g. 0.99999994 < 1.0) from adding them all.
+    """
+    sorted_votes, order = votes_BPE.double().sort(dim=-1, descending=True, stable=True)
     before = sorted_votes.cumsum(-1) - sorted_votes  # vote mass ranked strictly above each expert
-    take_sorted = before < top_p  # includes the expert that crosses top_p, and always the top-1
     rank = torch.arange(votes_BPE.shape[-1], device=votes_BPE.device)
-    take_sorted = take_sorted | (rank < guard)
+    # includes the expert that crosses top_p; always the top-1; then enlarged to `guard`
+    take_sorted = ((before < top_p) & (sorted_votes > 0)) | (rank == 0) | (rank < guard)
     return torch.zeros_like(take_sorted).scatter_(-1, order, take_sorted)
 
 

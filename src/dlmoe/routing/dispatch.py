@@ -91,14 +91,14 @@ class Dispatch:
         """Rows of `x_ND` in slot order: [S, D]. Backward is a scatter-add into x."""
         return x_ND.index_select(0, self.token_index)
 
-    def combine(self, y_SD: Tensor, num_tokens: int | None = None) -> Tensor:
-        """Weighted sum of slot outputs back into tokens: out[t] = Σ_{s: tok(s)=t} gate_s · y_s.
+    def combine(self, y_SD: Tensor, *, apply_gate: bool = True) -> Tensor:
+        """Sum slot outputs back into tokens: out[t] = Σ_{s: tok(s)=t} gate_s · y_s.
 
-        Tokens no expert processed get exact zeros. Output dtype is that of `y_SD`.
+        `apply_gate=False` when the experts already scaled their rows by the gate. Tokens no
+        expert processed get exact zeros. Output dtype is that of `y_SD`.
         """
-        n = self.num_tokens if num_tokens is None else num_tokens
-        weighted_SD = y_SD * self.gate.to(y_SD.dtype).unsqueeze(-1)
-        out_ND = y_SD.new_zeros(n, y_SD.shape[-1])
+        weighted_SD = y_SD * self.gate.to(y_SD.dtype).unsqueeze(-1) if apply_gate else y_SD
+        out_ND = y_SD.new_zeros(self.num_tokens, y_SD.shape[-1])
         return out_ND.index_add(0, self.token_index, weighted_SD)
 
     def experts_per_token(self) -> Tensor:

@@ -199,9 +199,10 @@ def solve_k_max(
     """The integer k_max ≥ k_min whose expected k is closest to `static_k` (FLOPs-matched range)."""
     check_int("k_min", k_min, low=1)
     check_float("static_k", static_k, low=float(k_min))
+    search_kwargs = {**kwargs, "num_points": min(int(kwargs.get("num_points", 1 << 16)), 1 << 16)}  # type: ignore[call-overload]
     best: FlopsMatch | None = None
     for k_max in range(k_min, k_limit + 1):
-        m = flops_match(schedule, k_min, k_max, static_k, num_points=1 << 16, **kwargs)
+        m = flops_match(schedule, k_min, k_max, static_k, **search_kwargs)
         if best is None or abs(m.relative_gap) < abs(best.relative_gap):
             best = m
         if m.expected_k > static_k and m.relative_gap > abs(best.relative_gap):

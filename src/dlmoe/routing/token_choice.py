@@ -47,12 +47,18 @@ def switch_aux_loss(probs_NE: Tensor, tokens_per_expert_E: Tensor, k: int) -> Te
 def group_limited_mask(choice_NE: Tensor, n_group: int, topk_group: int) -> Tensor:
     """[N, E] bool: experts inside each token's `topk_group` best groups (DeepSeek-V3).
 
-    A group's score is the sum of its two best (biased) expert scores.
+    A group's score is the sum of its two best (biased) expert scores. Experts already excluded
+    (-inf) do not count: groups are ranked first by how many of their two best are allowed, then
+    by the sum of those — with no exclusions this is exactly DeepSeek-V3's ranking.
     """
     num_tokens, num_experts = choice_NE.shape
     grouped_NGX = choice_NE.view(num_tokens, n_group, num_experts // n_group)
     best = min(2, num_experts // n_group)
-    group_score_NG = grouped_NGX.topk(best, dim=-1).values.sum(-1)
+    top_NGB = grouped_NGX.topk(best, dim=-1).values
+    finite_NGB = torch.isfinite(top_NGB)
+    top_sum_NG = torch.where(finite_NGB, top_NGB, 0.0).sum(-1)
+    # float64 two-level key: count dominates, the float32 sum breaks ties exactly
+    group_score_NG = finite_NGB.sum(-1).double() * 1e6 + top_sum_NG.double()
     keep_group_NG = torch.zeros_like(group_score_NG, dtype=torch.bool)
     keep_group_NG.scatter_(1, group_score_NG.topk(topk_group, dim=-1).indices, True)
     return keep_group_NG.unsqueeze(-1).expand_as(grouped_NGX).reshape(num_tokens, num_experts)
@@ -204,14 +210,13 @@ def route_topk_scores(
     choice_NE = scores_NE.detach()
     if expert_bias is not None:
         choice_NE = choice_NE + expert_bias.float()
-    if n_group is not None:
-        # rank groups on finite values so a group holding more allowed experts wins over one
-        # holding fewer (with -inf, any group short of two allowed experts would tie at -inf)
-        group_choice_NE = choice_NE if allowed_NE is None else choice_NE.masked_fill(~allowed_NE, -1e9)
-        in_group_NE = group_limited_mask(group_choice_NE, n_group, topk_group)  # type: ignore[arg-type]
-        allowed_NE = in_group_NE if allowed_NE is None else allowed_NE & in_group_NE
     if allowed_NE is not None:
         choice_NE = choice_NE.masked_fill(~allowed_NE, float("-inf"))
+    if n_group is not None:
+        # groups holding more allowed experts win (see group_limited_mask), so a token keeps
+        # k candidates whenever its coreset allows it
+        in_group_NE = group_limited_mask(choice_NE, n_group, topk_group)  # type: ignore[arg-type]
+        choice_NE = choice_NE.masked_fill(~in_group_NE, float("-inf"))
     values_NK, expert_NK = choice_NE.topk(k, dim=-1)
     return expert_NK, torch.isfinite(values_NK)
 
