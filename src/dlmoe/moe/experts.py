@@ -15,6 +15,7 @@ Backends (all equal to `loop`, the reference, in forward and backward):
   bmm         dense [E, C, D] batched matmul; free when counts are equal (EC), else rows are
               padded to the largest count (capacity-padded TC)
   grouped_mm  torch grouped GEMM over ragged int32 offsets (dropless TC)
+bmm on equal counts and grouped_mm run the fused op of `swiglu_op` (hand-written backward).
   auto        bmm when counts are equal, grouped_mm otherwise (bmm when widths are not
               multiples of 8: grouped GEMM needs 16-byte-aligned row strides)
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlmoe._checks import check_choice, check_int
+from dlmoe.moe.swiglu_op import gated_swiglu_experts
 
 BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 
@@ -73,41 +75,18 @@ def swiglu_bmm(
     """Batched matmul over [E, C, D]. With unequal counts, rows are padded to C = max(counts)."""
     num_experts = w_gate_up_EHD.shape[0]
     if equal_counts:
-        rows_per_expert = x_SD.shape[0] // num_experts
-        x_ECD = x_SD.view(num_experts, rows_per_expert, x_SD.shape[-1])
-        gate_EC = None if gate_S is None else gate_S.view(num_experts, rows_per_expert)
-        return _bmm_swiglu(x_ECD, w_gate_up_EHD, w_down_EDF, gate_EC).reshape(x_SD.shape[0], -1)
+        return gated_swiglu_experts(x_SD, w_gate_up_EHD, w_down_EDF, gate_S, None)
     # pad: slot s of expert e goes to row (e, s − offset_e); padded rows get gate 0 and are dropped
     capacity = int(counts.max()) if counts.numel() else 0
     expert_S = torch.repeat_interleave(torch.arange(num_experts, device=x_SD.device), counts)
     starts_E = torch.cumsum(counts, 0) - counts
     row_S = expert_S * capacity + torch.arange(x_SD.shape[0], device=x_SD.device) - starts_E[expert_S]
     x_padded = x_SD.new_zeros(num_experts * capacity, x_SD.shape[-1]).index_copy(0, row_S, x_SD)
-    gate_EC = None
+    gate_padded = None
     if gate_S is not None:
-        gate_EC = gate_S.new_zeros(num_experts * capacity).index_copy(0, row_S, gate_S).view(num_experts, capacity)
-    y_ECD = _bmm_swiglu(x_padded.view(num_experts, capacity, -1), w_gate_up_EHD, w_down_EDF, gate_EC)
-    return y_ECD.reshape(num_experts * capacity, -1).index_select(0, row_S)
-
-
-def _bmm_swiglu(x_ECD: Tensor, w_gate_up_EHD: Tensor, w_down_EDF: Tensor, gate_EC: Tensor | None) -> Tensor:
-    h_ECH = torch.bmm(x_ECD, w_gate_up_EHD.transpose(1, 2))
-    return torch.bmm(_swiglu(h_ECH, gate_EC), w_down_EDF.transpose(1, 2))
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    grouped_mm's backward rejects expanded (stride-0) gradients, e.g. from `.sum()`.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+        gate_padded = gate_S.new_zeros(num_experts * capacity).index_copy(0, row_S, gate_S)
+    y_padded = gated_swiglu_experts(x_padded, w_gate_up_EHD, w_down_EDF, gate_padded, None)
+    return y_padded.index_select(0, row_S)
 
 
 def swiglu_grouped_mm(
@@ -115,9 +94,7 @@ def swiglu_grouped_mm(
 ) -> Tensor:
     """Grouped GEMM over ragged groups delimited by int32 offsets (no padding, no host sync)."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    h_SH = _ContiguousGrad.apply(F.grouped_mm(x_SD, w_gate_up_EHD.transpose(1, 2), offs=offsets))
-    y_SD = F.grouped_mm(_swiglu(h_SH, gate_S), w_down_EDF.transpose(1, 2), offs=offsets)
-    return _ContiguousGrad.apply(y_SD)
+    return gated_swiglu_experts(x_SD, w_gate_up_EHD, w_down_EDF, gate_S, offsets)
 
 
 class Experts(nn.Module):
