@@ -165,3 +165,79 @@ class MoEConfig:
         if self.num_shared_experts == 0:
             return 0
         return self.shared_hidden or self.num_shared_experts * self.expert_hidden
+
+
+ATTENTION_KINDS = ("bidirectional",)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A bidirectional transformer for masked diffusion; MoE FFNs from layer `first_k_dense` on.
+
+    `moe=None` gives a dense model (every FFN a SwiGLU of width `dense_hidden`).
+    """
+
+    vocab_size: int = 4096
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: = num_heads (MHA); fewer: GQA
+    head_dim: int | None = None  # None: dim // num_heads
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dense_hidden: int = 1024
+    first_k_dense: int = 0
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+    attention: str = "bidirectional"
+    mask_id: int = 0
+    pad_id: int | None = None
+    eos_id: int | None = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        check_int("model.vocab_size", self.vocab_size, low=2)
+        check_int("model.dim", self.dim, low=1)
+        check_int("model.num_layers", self.num_layers, low=1)
+        check_int("model.num_heads", self.num_heads, low=1)
+        kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+        check_int("model.num_kv_heads", kv, low=1, high=self.num_heads)
+        if self.num_heads % kv:
+            raise ValueError(f"model.num_kv_heads={kv} must divide model.num_heads={self.num_heads}")
+        if self.head_dim is None and self.dim % self.num_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by num_heads={self.num_heads} (or set head_dim)")
+        if self.head_dim is not None:
+            check_int("model.head_dim", self.head_dim, low=2)
+        check_int("model.max_seq_len", self.max_seq_len, low=1)
+        check_float("model.rope_theta", self.rope_theta, low=0.0, low_open=True)
+        check_float("model.partial_rotary_factor", self.partial_rotary_factor, low=0.0, high=1.0, low_open=True)
+        check_float("model.norm_eps", self.norm_eps, low=0.0, low_open=True)
+        check_int("model.dense_hidden", self.dense_hidden, low=1)
+        check_int("model.first_k_dense", self.first_k_dense, low=0, high=self.num_layers)
+        check_choice("model.attention", self.attention, ATTENTION_KINDS)
+        check_int("model.mask_id", self.mask_id, low=0, high=self.vocab_size - 1)
+        for name in ("pad_id", "eos_id"):
+            if getattr(self, name) is not None:
+                check_int(f"model.{name}", getattr(self, name), low=0, high=self.vocab_size - 1)
+        check_float("model.init_std", self.init_std, low=0.0, low_open=True)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dimensions per head (even), from `partial_rotary_factor`."""
+        return max(2, int(self.head_size * self.partial_rotary_factor) // 2 * 2)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe is not None and index >= self.first_k_dense

@@ -30,7 +30,7 @@ def test_moe_layer_bench_quick_prints_one_json_object_per_case() -> None:
     for row in cases:
         assert row.keys() >= REQUIRED
         assert row["ms"] > 0 and row["dense_ms"] > 0
-        assert row["efficiency"] == pytest.approx(row["dense_ms"] / row["ms"], rel=0.01)
-        assert row["speedup_vs_transformers"] == pytest.approx(row["transformers_ms"] / row["ms"], rel=0.01)
+        assert row["efficiency"] == pytest.approx(row["dense_ms"] / row["ms"], rel=0.02, abs=2e-3)
+        assert row["speedup_vs_transformers"] == pytest.approx(row["transformers_ms"] / row["ms"], rel=0.02, abs=2e-3)
     assert {r["pass"] for r in cases} == {"fwd", "fwd+bwd"}
     assert {r["dtype"] for r in cases} == {"bfloat16", "float32"}
