@@ -11,14 +11,7 @@ from hypothesis import strategies as st
 
 from dlmoe.routing import block_route, token_choice, unique_experts_per_block
 from dlmoe.routing.block import block_votes, top_p_coreset
-
-
-def distinct_logits(batch: int, length: int, num_experts: int, seed: int) -> torch.Tensor:
-    """[B, L, E] float32 logits in [-4, 4] with all values distinct (no ties in any ranking)."""
-    g = torch.Generator().manual_seed(seed)
-    n = batch * length * num_experts
-    perm = torch.randperm(n, generator=g).to(torch.float32)
-    return (perm / max(n - 1, 1) * 8.0 - 4.0).reshape(batch, length, num_experts)
+from tests.routing.helpers import distinct_logits
 
 
 def score_fn(logits: torch.Tensor, score: str) -> torch.Tensor:
