@@ -8,6 +8,7 @@ Letters: B batch, L length, D model width, E experts.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -42,8 +43,9 @@ class Router(nn.Module):
         with torch.autocast(x_BLD.device.type, enabled=False):
             return F.linear(x_BLD.float(), self.weight.float())
 
+    @abstractmethod
     def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> Dispatch:
-        raise NotImplementedError
+        """Route x [B, L, D] (with the per-sample mask ratio [B] where the router uses it)."""
 
 
 class TokenChoiceRouter(Router):
