@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dlmoe routing-demo
+	$(BIN)/dlmoe train --config configs/demo.yaml
+	$(BIN)/dlmoe sample --run runs/demo
+	$(BIN)/dlmoe routing-stats --run runs/demo
+	@echo "loss plot: runs/demo/loss.png   metrics: runs/demo/metrics.csv"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 import torch
@@ -56,6 +57,66 @@ def routing_demo(args: argparse.Namespace) -> None:
         print(json.dumps({"schedule": name} | flops_match(name, 8, 32, 20).as_dict()))
 
 
+def _load(args: argparse.Namespace):
+    from dlmoe.config_io import load_run_config
+
+    return load_run_config(args.config, args.overrides)
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train (or --resume) a run; prints a JSON summary."""
+    from dlmoe.train import Trainer
+
+    config = _load(args)
+    summary = Trainer(config, resume=args.resume, progress=not args.no_progress).fit()
+    print(
+        json.dumps({k: (str(v) if isinstance(v, pathlib.Path) else round(v, 4)) for k, v in summary.__dict__.items()})
+    )
+
+
+def sample(args: argparse.Namespace) -> None:
+    """Generate from a trained run with the LLaDA sampler."""
+    from dlmoe.config import SampleConfig
+    from dlmoe.inference import load_run, sample_text
+
+    base = load_run(args.run)[0].sample
+    fields = {k: v for k, v in vars(args).items() if k in SampleConfig.__dataclass_fields__ and v is not None}
+    for text in sample_text(args.run, SampleConfig(**(base.__dict__ | fields)), seed=args.seed):
+        print(json.dumps({"text": text}))
+
+
+def routing_stats(args: argparse.Namespace) -> None:
+    """Routing statistics of a trained run at several mask ratios."""
+    from dlmoe.inference import routing_by_mask_ratio
+
+    for row in routing_by_mask_ratio(args.run):
+        print(json.dumps(row))
+
+
+def eval_ppl(args: argparse.Namespace) -> None:
+    from dlmoe.inference import eval_ppl as run_eval
+
+    print(json.dumps(run_eval(args.run, args.batches)))
+
+
+def info(args: argparse.Namespace) -> None:
+    """Resolved config, parameter counts (total / active) and forward FLOPs per token."""
+    import dataclasses
+
+    from dlmoe.model.flops import model_size
+
+    config = _load(args)
+    size = model_size(config.model, config.data.seq_len)
+    print(json.dumps({"config": dataclasses.asdict(config), "size": size.as_dict()}, indent=2))
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 model.moe.router.kind=token_choice"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +129,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--length", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=routing_demo)
+
+    p = sub.add_parser("train", help="train a MoE diffusion LM")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest valid checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("info", help="config, parameter counts (total/active), FLOPs per token")
+    _add_config_args(p)
+    p.set_defaults(func=info)
+
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompt")
+    p.add_argument("--num-samples", dest="num_samples", type=int)
+    p.add_argument("--gen-length", dest="gen_length", type=int)
+    p.add_argument("--block-length", dest="block_length", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--remasking", choices=["low_confidence", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=sample)
+
+    p = sub.add_parser("routing-stats", help="routing statistics of a trained run at mask ratios 0.1/0.5/0.9")
+    p.add_argument("--run", required=True)
+    p.set_defaults(func=routing_stats)
+
+    p = sub.add_parser("eval-ppl", help="validation ELBO, perplexity bound and bits per byte of a trained run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--batches", type=int, default=None)
+    p.set_defaults(func=eval_ppl)
     return parser
 
 
@@ -78,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"dlmoe: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # e.g. TrainingError: a non-finite loss
+        print(f"dlmoe: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -241,3 +241,116 @@ class ModelConfig:
 
     def is_moe_layer(self, index: int) -> bool:
         return self.moe is not None and index >= self.first_k_dense
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Which text, how it is tokenized and cut. `corpus`: "shakespeare", "python-stdlib", a text
+    file, a folder, or "data.jsonl[:field]"."""
+
+    corpus: str = "shakespeare"
+    vocab_size: int = 4096
+    seq_len: int = 256
+    validation_fraction: float = 0.05
+    cache_dir: str | None = None  # None: <run_dir>/../.cache (shared by runs in one folder)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corpus, str) or not self.corpus:
+            raise ValueError(f"data.corpus must be a non-empty string, got {self.corpus!r}")
+        check_int("data.vocab_size", self.vocab_size, low=260, high=1 << 20)
+        check_int("data.seq_len", self.seq_len, low=2)
+        check_float(
+            "data.validation_fraction", self.validation_fraction, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+
+
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("bf16", "fp32")
+LOSS_WEIGHTINGS = ("elbo", "stable")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, precision, logging and checkpointing of a training run."""
+
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    lr_schedule: str = "cosine"
+    decay_fraction: float = 0.2  # WSD: fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "bf16"
+    seed: int = 0
+    loss_weighting: str = "elbo"
+    antithetic: bool = True
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
+            check_int(f"train.{name}", getattr(self, name), low=1)
+        check_int("train.checkpoint_every", self.checkpoint_every, low=1)
+        check_int("train.keep_last", self.keep_last, low=1)
+        check_int("train.warmup_steps", self.warmup_steps, low=0)
+        check_int("train.seed", self.seed, low=0)
+        check_float("train.lr", self.lr, low=0.0, low_open=True)
+        check_float("train.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_float("train.decay_fraction", self.decay_fraction, low=0.0, high=1.0)
+        check_float("train.weight_decay", self.weight_decay, low=0.0)
+        check_float("train.beta1", self.beta1, low=0.0, high=1.0, high_open=True)
+        check_float("train.beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        check_float("train.grad_clip", self.grad_clip, low=0.0, low_open=True)
+        check_choice("train.dtype", self.dtype, DTYPES)
+        check_choice("train.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        if self.threads is not None:
+            check_int("train.threads", self.threads, low=1)
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """LLaDA sampling settings used by `dlmoe sample` and the demo."""
+
+    prompt: str = "ROMEO:"
+    num_samples: int = 2
+    gen_length: int = 64
+    block_length: int = 32
+    steps: int = 64
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+
+    def __post_init__(self) -> None:
+        check_int("sample.num_samples", self.num_samples, low=1)
+        check_int("sample.gen_length", self.gen_length, low=1)
+        check_int("sample.block_length", self.block_length, low=1)
+        check_int("sample.steps", self.steps, low=1)
+        check_float("sample.temperature", self.temperature, low=0.0)
+        check_choice("sample.remasking", self.remasking, ("low_confidence", "random"))
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything a run needs; saved as `<run_dir>/config.json` and loadable from YAML + overrides."""
+
+    run_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "lower data.seq_len or raise model.max_seq_len"
+            )

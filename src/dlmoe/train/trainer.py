@@ -1,0 +1,222 @@
+"""The training loop: owns optimizer, LR schedule, precision, checkpoints and logging.
+
+One optimizer step:
+  1. for each of `grad_accum` micro-batches: noise (t_b, mask) → forward (mask ratio to routers)
+     → ELBO loss + router aux/z losses → backward;
+  2. clip gradients, AdamW step, LR schedule step;
+  3. loss-free expert-bias update (once per optimizer step);
+  4. log, evaluate, checkpoint on their intervals.
+Noise comes from a dedicated generator saved with the checkpoint, so a resumed run repeats the
+uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dlmoe.config import RunConfig
+from dlmoe.config_io import save_run_config
+from dlmoe.diffusion.loss import masked_diffusion_loss
+from dlmoe.diffusion.noise import add_mask_noise
+from dlmoe.model.flops import model_size
+from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
+from dlmoe.routing.routers import update_expert_biases
+from dlmoe.runtime import tune_cpu_malloc
+from dlmoe.train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from dlmoe.train.data_setup import RunData, prepare_data
+from dlmoe.train.metrics import MetricsLog, plot_losses, routing_summary
+from dlmoe.train.schedule import build_lr_schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    val_loss: float
+    val_bits_per_byte: float
+    tokens_per_s: float
+    wall_s: float
+
+
+class Trainer:
+    """Train a MoE diffusion LM from a `RunConfig`; `resume=True` continues from the latest checkpoint."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.run_dir = Path(config.run_dir)
+        self.progress = progress
+        tune_cpu_malloc()
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
+        self.checkpoint = self._resume_point(resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.train.seed)
+        self.data: RunData = prepare_data(config, self.run_dir)
+        mask_id, eos_id, pad_id = self.data.special_ids
+        model_config = replace(
+            config.model, vocab_size=len(self.data.tokenizer), mask_id=mask_id, eos_id=eos_id, pad_id=pad_id
+        )
+        self.config = replace(config, model=model_config)
+        save_run_config(self.config, self.run_dir / "config.json")
+        self.model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config))
+        self.optimizer = self._build_optimizer()
+        self.scheduler = build_lr_schedule(self.optimizer, self.config.train)
+        self.noise_generator = torch.Generator().manual_seed(config.train.seed + 1)
+        self.step = 0
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        self.metrics = MetricsLog(self.run_dir, resume_step=self.step if self.checkpoint else None)
+        self.size = model_size(model_config, config.data.seq_len)
+
+    def _resume_point(self, resume: bool) -> Path | None:
+        if not resume:
+            return None
+        if not self.run_dir.is_dir():
+            raise ValueError(f"--resume: run folder {str(self.run_dir)!r} does not exist")
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise ValueError(f"--resume: no valid checkpoint under {str(self.run_dir / 'checkpoints')!r}")
+        return path
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        # no weight decay on norms, biases and router/embedding-free vectors (1-D parameters)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        t = self.config.train
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=False)
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.data.train_batches.state_dict(),
+            "noise_generator": self.noise_generator.get_state(),
+            "rng": capture_rng_state(),
+        }
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.train_batches.load_state_dict(state["data"])
+        self.noise_generator.set_state(state["noise_generator"])
+        restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.train.dtype == "bf16")
+
+    def _loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
+        noised = add_mask_noise(
+            batch, self.config.model.mask_id, antithetic=self.config.train.antithetic, generator=generator
+        )
+        with self._autocast():
+            out = self.model(noised.noisy_ids, mask_ratio=noised.mask_ratio)
+        diff = masked_diffusion_loss(
+            out.logits, batch, noised.masked, noised.mask_ratio, weighting=self.config.train.loss_weighting
+        )
+        return diff.loss, out.aux_loss, out.dispatches
+
+    def train_step(self, *, routing_stats: bool = True) -> dict[str, float]:
+        """One optimizer step (with gradient accumulation); returns its metrics row.
+
+        `routing_stats` adds the last micro-batch's load-balance figures (costs a device sync)."""
+        t = self.config.train
+        self.model.train()
+        start = time.perf_counter()
+        total = aux_total = 0.0
+        dispatches: list = []
+        for _ in range(t.grad_accum):
+            batch = next(self.data.train_batches)
+            loss, aux, dispatches = self._loss(batch, self.noise_generator)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopping. "
+                    f"The last good checkpoint is kept under {self.run_dir / 'checkpoints'}"
+                )
+            ((loss + aux) / t.grad_accum).backward()
+            total += loss.item() / t.grad_accum
+            aux_total += float(aux) / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        update_expert_biases(self.model)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        tokens = t.batch_size * t.grad_accum * self.config.data.seq_len
+        row = {
+            "step": self.step,
+            "loss": total,
+            "aux_loss": aux_total,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / elapsed,
+            "active_flops_per_token": self.size.forward_flops_per_token,
+        }
+        return row | routing_summary(dispatches) if routing_stats else row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation ELBO (nats/token, an upper bound on NLL) and bits per byte, fixed noise."""
+        self.model.eval()
+        generator = torch.Generator().manual_seed(1234)
+        losses = [self._loss(batch, generator)[0].item() for batch in self.data.validation_batches]
+        val = sum(losses) / len(losses)
+        return {"val_loss": val, "val_bits_per_byte": val / math.log(2) / self.data.bytes_per_token}
+
+    def fit(self) -> TrainSummary:
+        t = self.config.train
+        start, tokens_per_s, last, val = time.perf_counter(), 0.0, {}, {}
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        try:
+            while self.step < t.steps:
+                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
+                row = self.train_step(routing_stats=log_now)
+                tokens_per_s = row["tokens_per_s"]
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    val = self.evaluate()
+                    row |= val
+                    log_now = True
+                if log_now:
+                    self.metrics.write(row)
+                last = row
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    save_checkpoint(self.run_dir, self.step, self.model, self._state(), keep_last=t.keep_last)
+        finally:
+            bar.close()
+            self.metrics.close()
+        self.model.save_pretrained(self.run_dir / "model")
+        self.data.tokenizer.save_pretrained(self.run_dir / "model")
+        plot_losses(self.metrics.path, self.run_dir / "loss.png")
+        val = val or self.evaluate()
+        return TrainSummary(
+            self.run_dir,
+            self.step,
+            float(last.get("loss", math.nan)),
+            val["val_loss"],
+            val["val_bits_per_byte"],
+            tokens_per_s,
+            time.perf_counter() - start,
+        )
