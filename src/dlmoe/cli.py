@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"dlmoe: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # e.g. TrainingError: a non-finite loss
+    except (RuntimeError, OSError) as err:  # a non-finite loss (TrainingError), a full disk while saving
         print(f"dlmoe: error: {err}", file=sys.stderr)
         return 1
     return 0
