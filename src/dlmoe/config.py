@@ -295,8 +295,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
             check_int(f"train.{name}", getattr(self, name), low=1)
         check_int("train.checkpoint_every", self.checkpoint_every, low=1)

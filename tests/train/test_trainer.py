@@ -126,6 +126,9 @@ def test_resume_without_checkpoint_and_bad_config_are_clear(tmp_path: Path) -> N
         load_run_config(None, overrides(tmp_path, "long", **{"data.seq_len": 64}))
     with pytest.raises(ValueError, match="existing path"):
         Trainer(load_run_config(None, overrides(tmp_path, "missing", **{"data.corpus": tmp_path / "nope.txt"})))
+    assert not (tmp_path / "missing").exists()  # nothing written for a run that cannot start
+    with pytest.raises(ValueError, match="train.device"):
+        load_run_config(None, ["train.device=tpu"])
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ class RunData:
 
 def prepare_data(config: RunConfig, run_dir: Path) -> RunData:
     data, train = config.data, config.train
-    corpus = resolve_corpus(data.corpus)
+    corpus = resolve_corpus(data.corpus)  # fails before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = run_dir / "tokenizer"
     if (tokenizer_dir / "tokenizer.json").exists():
         tokenizer = load_tokenizer(tokenizer_dir)

@@ -40,6 +40,15 @@ from dlmoe.train.metrics import MetricsLog, plot_losses, routing_summary
 from dlmoe.train.schedule import build_lr_schedule
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" = CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
+    return torch.device(name)
+
+
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
 
@@ -65,7 +74,7 @@ class Trainer:
         if config.train.threads is not None:
             torch.set_num_threads(config.train.threads)
         self.checkpoint = self._resume_point(resume)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
         self.data: RunData = prepare_data(config, self.run_dir)
         mask_id, eos_id, pad_id = self.data.special_ids
@@ -74,7 +83,7 @@ class Trainer:
         )
         self.config = replace(config, model=model_config)
         save_run_config(self.config, self.run_dir / "config.json")
-        self.model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config))
+        self.model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config)).to(self.device)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_lr_schedule(self.optimizer, self.config.train)
         self.noise_generator = torch.Generator().manual_seed(config.train.seed + 1)
@@ -123,16 +132,22 @@ class Trainer:
         self.step = int(state["step"])
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.train.dtype == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.dtype == "bf16")
 
     def _loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
+        # noise is drawn on the CPU from a checkpointed generator: identical on every device
         noised = add_mask_noise(
             batch, self.config.model.mask_id, antithetic=self.config.train.antithetic, generator=generator
         )
+        dev = self.device
         with self._autocast():
-            out = self.model(noised.noisy_ids, mask_ratio=noised.mask_ratio)
+            out = self.model(noised.noisy_ids.to(dev), mask_ratio=noised.mask_ratio.to(dev))
         diff = masked_diffusion_loss(
-            out.logits, batch, noised.masked, noised.mask_ratio, weighting=self.config.train.loss_weighting
+            out.logits,
+            batch.to(dev),
+            noised.masked.to(dev),
+            noised.mask_ratio.to(dev),
+            weighting=self.config.train.loss_weighting,
         )
         return diff.loss, out.aux_loss, out.dispatches
 
