@@ -1,6 +1,7 @@
 """Training end to end on a tiny corpus: losses fall, resume is exact (also after a real kill), bad input is clear."""
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -86,6 +87,8 @@ def test_train_sample_eval_on_expert_choice_with_schedule(tmp_path: Path) -> Non
     # linear_reverse: more experts per token at low mask ratio
     assert stats[0]["experts_per_token"] > stats[-1]["experts_per_token"]
     assert eval_ppl(summary.run_dir)["bits_per_byte"] > 0
+    bins = json.loads((summary.run_dir / "val_bins.json").read_text())["bins"]
+    assert len(bins) >= 3 and all(b["ce"] > 0 and b["tokens"] > 0 for b in bins)
 
 
 def test_resume_repeats_the_uninterrupted_losses(tmp_path: Path) -> None:

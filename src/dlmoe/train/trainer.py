@@ -12,6 +12,7 @@ uninterrupted run's losses exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -22,8 +23,8 @@ from tqdm.auto import tqdm
 
 from dlmoe.config import RunConfig
 from dlmoe.config_io import save_run_config
-from dlmoe.diffusion.loss import masked_diffusion_loss
-from dlmoe.diffusion.noise import add_mask_noise
+from dlmoe.diffusion.loss import DiffusionLoss, loss_by_mask_ratio_bin, masked_diffusion_loss
+from dlmoe.diffusion.noise import NoisedBatch, add_mask_noise
 from dlmoe.model.flops import model_size
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
 from dlmoe.routing.routers import update_expert_biases
@@ -47,6 +48,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
     return torch.device(name)
+
+
+NUM_BINS = 10  # equal-width mask-ratio bins of the validation breakdown
 
 
 class TrainingError(RuntimeError):
@@ -134,7 +138,10 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.dtype == "bf16")
 
-    def _loss(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def _loss(
+        self, batch: torch.Tensor, generator: torch.Generator, weighting: str | None = None
+    ) -> tuple[DiffusionLoss, torch.Tensor, list, NoisedBatch]:
+        """(diffusion loss, router aux loss, dispatches, the noised batch) of one batch."""
         # noise is drawn on the CPU from a checkpointed generator: identical on every device
         noised = add_mask_noise(
             batch, self.config.model.mask_id, antithetic=self.config.train.antithetic, generator=generator
@@ -147,9 +154,9 @@ class Trainer:
             batch.to(dev),
             noised.masked.to(dev),
             noised.mask_ratio.to(dev),
-            weighting=self.config.train.loss_weighting,
+            weighting=weighting or self.config.train.loss_weighting,
         )
-        return diff.loss, out.aux_loss, out.dispatches
+        return diff, out.aux_loss, out.dispatches, noised
 
     def train_step(self, *, routing_stats: bool = True) -> dict[str, float]:
         """One optimizer step (with gradient accumulation); returns its metrics row.
@@ -162,7 +169,8 @@ class Trainer:
         dispatches: list = []
         for _ in range(t.grad_accum):
             batch = next(self.data.train_batches)
-            loss, aux, dispatches = self._loss(batch, self.noise_generator)
+            diff, aux, dispatches, _ = self._loss(batch, self.noise_generator)
+            loss = diff.loss
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopping. "
@@ -192,11 +200,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation ELBO (nats/token, an upper bound on NLL) and bits per byte, fixed noise."""
+        """Validation ELBO (nats/token, an upper bound on NLL; always 1/r-weighted), bits per byte,
+        and the mean masked-token CE per mask-ratio bin (written to `val_bins.json`). Fixed noise."""
         self.model.eval()
         generator = torch.Generator().manual_seed(1234)
-        losses = [self._loss(batch, generator)[0].item() for batch in self.data.validation_batches]
+        losses, ce_sum, count = (
+            [],
+            torch.zeros(NUM_BINS, dtype=torch.float64),
+            torch.zeros(NUM_BINS, dtype=torch.float64),
+        )
+        for batch in self.data.validation_batches:
+            diff, _, _, noised = self._loss(batch, generator, weighting="elbo")
+            losses.append(diff.loss.item())
+            bin_ce, bin_n = loss_by_mask_ratio_bin(diff.token_ce.cpu(), noised.masked, noised.mask_ratio, NUM_BINS)
+            ce_sum, count = ce_sum + bin_ce, count + bin_n
         val = sum(losses) / len(losses)
+        bins = [
+            {
+                "mask_ratio": [i / NUM_BINS, (i + 1) / NUM_BINS],
+                "ce": (ce_sum[i] / count[i]).item(),
+                "tokens": int(count[i]),
+            }
+            for i in range(NUM_BINS)
+            if count[i] > 0
+        ]
+        (self.run_dir / "val_bins.json").write_text(json.dumps({"step": self.step, "bins": bins}, indent=1))
         return {"val_loss": val, "val_bits_per_byte": val / math.log(2) / self.data.bytes_per_token}
 
     def fit(self) -> TrainSummary:
