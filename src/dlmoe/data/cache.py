@@ -33,6 +33,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from dlmoe._checks import check_float, check_int
+from dlmoe._fs import fsync_path
 from dlmoe.data.corpus import Corpus
 from dlmoe.data.packing import pack_documents, packed_length, split_documents
 from dlmoe.data.tokenizer import DocumentEncoder, document_encoder, special_ids, tokenizer_hash
@@ -161,20 +162,12 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)  # make the rename itself durable
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)  # make the rename itself durable
 
 
 def _split_path(prefix: Path, split: str) -> Path:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from dlmoe._checks import check_int
+from dlmoe._fs import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -210,14 +211,14 @@ def _write_checkpoint_files(directory: Path, step: int, tensors: dict[str, Tenso
         json.dump(meta, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync_dir(directory)
+    fsync_path(directory)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; an existing `final` is renamed aside first and deleted last."""
     if not final.exists():
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         return
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
@@ -227,7 +228,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     except BaseException:
         os.rename(old, final)  # put the previous version back
         raise
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -427,12 +428,3 @@ def _sha256_file(file: Path, chunk_bytes: int = 1 << 24) -> str:
 def _fsync_file(file: Path) -> None:
     with open(file, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames / new entries in `directory` durable (a file's fsync does not cover its name)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
