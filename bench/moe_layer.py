@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 from dlmoe.config import MoEConfig, RouterConfig
 from dlmoe.moe import MoELayer, SwiGLU
-from dlmoe.runtime import tune_cpu_malloc
+from dlmoe.runtime import prepare_benchmark
 
 ROUTER_CASES: dict[str, tuple[dict, str]] = {
     # name: (RouterConfig overrides, expert backend)
@@ -150,17 +149,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    malloc_tuned = False if args.no_malloc_tuning else tune_cpu_malloc()  # applies to every module timed
+    meta = prepare_benchmark(args.threads, malloc_tuning=not args.no_malloc_tuning)  # for every model timed
     print(
         json.dumps(
-            {
-                "meta": True,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.processor() or platform.machine(),
-                "malloc_tuned": malloc_tuned,
+            meta
+            | {
                 "shapes": {k: getattr(args, k) for k in ("experts", "k", "dim", "hidden", "batch", "length")},
             }
         ),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ from dlmoe.diffusion import add_mask_noise, masked_diffusion_loss
 from dlmoe.model.transformer import DiffusionTransformer
 from dlmoe.moe import MoELayer
 from dlmoe.routing.schedules import expected_k, solve_k_max
-from dlmoe.runtime import tune_cpu_malloc
+from dlmoe.runtime import prepare_benchmark
 
 BASELINE = "dense"
 SCHEDULE = "linear_reverse"
@@ -269,17 +268,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    malloc_tuned = False if args.no_malloc_tuning else tune_cpu_malloc()  # applies to every model timed
+    meta = prepare_benchmark(args.threads, malloc_tuning=not args.no_malloc_tuning)  # for every model timed
     print(
         json.dumps(
-            {
-                "meta": True,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.processor() or platform.machine(),
-                "malloc_tuned": malloc_tuned,
+            meta
+            | {
                 "dtype": args.dtype,
                 "repeats": args.repeats,
                 "warmup": args.warmup,

@@ -38,3 +38,21 @@ def tune_cpu_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 3
     ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
     _tuned = ok
     return ok
+
+
+def prepare_benchmark(threads: int | None = None, malloc_tuning: bool = True) -> dict[str, object]:
+    """Set torch threads and malloc tuning for a benchmark process; return the facts for its meta line."""
+    import platform
+
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tuned = tune_cpu_malloc() if malloc_tuning else False
+    return {
+        "meta": True,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "malloc_tuned": tuned,
+    }
