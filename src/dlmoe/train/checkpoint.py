@@ -9,7 +9,7 @@ Layout, one directory per saved step:
         meta.json           step, time, size and sha256 of the two files above; written LAST
 
 Why this shape:
-- Everything is written into `checkpoints/.tmp-step_XXXXXXXX-<pid>`, every file and the directory are
+- Everything is written into `checkpoints/.tmp-step_<8-digit step>-<pid>`, every file and the directory are
   fsync-ed, and only then is the directory renamed to its final name (rename within one filesystem is
   atomic on POSIX). A crash or a full disk therefore leaves either a complete checkpoint or a `.tmp-*`
   directory that is never mistaken for one and is removed by the next save.
