@@ -6,12 +6,17 @@ import argparse
 import json
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
+from dlmoe.cli_sample import add_sample_parser
 from dlmoe.config import BlockRoutingConfig, MoEConfig, RouterConfig
 from dlmoe.moe import MoELayer
 from dlmoe.routing.schedules import SCHEDULE_NAMES, dynamic_k, flops_match
+
+if TYPE_CHECKING:
+    from dlmoe.train import TrainSummary
 
 
 def routing_demo(args: argparse.Namespace) -> None:
@@ -69,20 +74,29 @@ def train(args: argparse.Namespace) -> None:
 
     config = _load(args)
     summary = Trainer(config, resume=args.resume, progress=not args.no_progress).fit()
+    _print_summary(summary)
+
+
+def finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a finished run (e.g. with dMoE block routing): its config ← --config ← overrides, its
+    weights and tokenizer; fresh optimizer, step 0. Prints a JSON summary."""
+    import dataclasses
+
+    from dlmoe.config_io import load_run_config, run_config_to_dict
+    from dlmoe.train import Trainer
+    from dlmoe.train.init_from import SourceRun
+
+    source = SourceRun.open(args.source, name="--from")
+    config = load_run_config(args.config, args.overrides, base=run_config_to_dict(source.config))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(source.path)))
+    summary = Trainer(config, resume=args.resume, progress=not args.no_progress).fit()
+    _print_summary(summary)
+
+
+def _print_summary(summary: TrainSummary) -> None:
     print(
         json.dumps({k: (str(v) if isinstance(v, pathlib.Path) else round(v, 4)) for k, v in summary.__dict__.items()})
     )
-
-
-def sample(args: argparse.Namespace) -> None:
-    """Generate from a trained run with the LLaDA sampler."""
-    from dlmoe.config import SampleConfig
-    from dlmoe.inference import load_run, sample_text
-
-    base = load_run(args.run)[0].sample
-    fields = {k: v for k, v in vars(args).items() if k in SampleConfig.__dataclass_fields__ and v is not None}
-    for text in sample_text(args.run, SampleConfig(**(base.__dict__ | fields)), seed=args.seed):
-        print(json.dumps({"text": text}))
 
 
 def routing_stats(args: argparse.Namespace) -> None:
@@ -136,21 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=train)
 
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a finished run (same architecture; e.g. dMoE block routing)",
+        description="Start from RUN_DIR's weights and tokenizer with RUN_DIR's config, then --config, then "
+        "the dotted overrides, e.g. model.moe.router.block.top_p=0.6 train.steps=100 run_dir=runs/ft",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="RUN_DIR", help="a finished run folder")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the fine-tune run's latest valid checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=finetune)
+
     p = sub.add_parser("info", help="config, parameter counts (total/active), FLOPs per token")
     _add_config_args(p)
     p.set_defaults(func=info)
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
-    p.add_argument("--run", required=True)
-    p.add_argument("--prompt")
-    p.add_argument("--num-samples", dest="num_samples", type=int)
-    p.add_argument("--gen-length", dest="gen_length", type=int)
-    p.add_argument("--block-length", dest="block_length", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--remasking", choices=["low_confidence", "random"])
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=sample)
+    add_sample_parser(sub)
 
     p = sub.add_parser("routing-stats", help="routing statistics of a trained run at mask ratios 0.1/0.5/0.9")
     p.add_argument("--run", required=True)

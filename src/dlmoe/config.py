@@ -37,10 +37,10 @@ class RouterConfig:
 
     Shared: `kind`, `num_experts`, `num_experts_per_tok` (k; EC's static k), `z_loss_coef`.
     Token choice: `score`, `renormalize`, `capacity_factor` (None = dropless), `aux_loss_coef`,
-    `expert_bias` (+ `bias_update_rate`), `n_group`/`topk_group`, `routed_scaling_factor`,
-    `block` (dMoE block routing).
+    `expert_bias` (+ `bias_update_rate`), `n_group`/`topk_group`, `routed_scaling_factor`.
     Expert choice: `pool`, `select`, `gate`, and a timestep-dependent capacity
     `capacity_schedule` with `k_min`, `k_max`, `schedule_sigma`.
+    Both: `block` (dMoE block routing: each block's tokens route only inside its coreset).
     """
 
     kind: str = "token_choice"
@@ -94,11 +94,12 @@ class RouterConfig:
         if self.block is not None:
             if isinstance(self.block, dict):
                 self.block = BlockRoutingConfig(**self.block)
-            if self.kind != "token_choice":
+            # both kinds: token choice routes top-k inside each block's coreset, expert choice runs EC inside it
+            if self.block.guard > self.num_experts:
                 raise ValueError(
-                    f"router.block (dMoE block routing) needs router.kind='token_choice', got kind={self.kind!r}"
+                    f"router.block.guard must be <= router.num_experts={self.num_experts}, got {self.block.guard} "
+                    "(the default, 16, is dMoE's; set block.guard for fewer experts)"
                 )
-            check_int("router.block.guard", self.block.guard, low=1, high=self.num_experts)
 
     def _check_groups(self) -> None:
         if (self.n_group is None) != (self.topk_group is None):
@@ -167,7 +168,7 @@ class MoEConfig:
         return self.shared_hidden or self.num_shared_experts * self.expert_hidden
 
 
-ATTENTION_KINDS = ("bidirectional",)
+ATTENTION_KINDS = ("bidirectional", "block_causal")
 
 
 @dataclass(kw_only=True)
@@ -192,7 +193,8 @@ class ModelConfig:
     dense_hidden: int = 1024
     first_k_dense: int = 0
     moe: MoEConfig | None = field(default_factory=MoEConfig)
-    attention: str = "bidirectional"
+    attention: str = "bidirectional"  # or "block_causal": a block attends to itself and earlier blocks
+    attention_block_size: int = 32  # block length of "block_causal" attention (exact KV cache at inference)
     mask_id: int = 0
     pad_id: int | None = None
     eos_id: int | None = None
@@ -220,6 +222,7 @@ class ModelConfig:
         check_int("model.dense_hidden", self.dense_hidden, low=1)
         check_int("model.first_k_dense", self.first_k_dense, low=0, high=self.num_layers)
         check_choice("model.attention", self.attention, ATTENTION_KINDS)
+        check_int("model.attention_block_size", self.attention_block_size, low=1)
         check_int("model.mask_id", self.mask_id, low=0, high=self.vocab_size - 1)
         for name in ("pad_id", "eos_id"):
             if getattr(self, name) is not None:
@@ -266,12 +269,19 @@ class DataConfig:
 
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("bf16", "fp32")
-LOSS_WEIGHTINGS = ("elbo", "stable")
+LOSS_WEIGHTINGS = ("elbo", "stable", "masked_mean")  # = dlmoe.diffusion.loss.WEIGHTINGS
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Optimisation, precision, logging and checkpointing of a training run."""
+    """Optimisation, precision, logging and checkpointing of a training run.
+
+    `mask_ratio_min/max`: training draws the masking probability t ~ U[min, max] (dMoE fine-tunes
+    on [0.3, 0.8]); validation always uses U[0, 1], the range the ELBO integrates over.
+    `loss_weighting="masked_mean"` averages over each micro-batch's masked tokens (dMoE's loss).
+    `init_from`: a finished run folder whose weights and tokenizer a new run starts from
+    (fine-tuning: same architecture, fresh optimizer, step 0); ignored when resuming a checkpoint.
+    """
 
     steps: int = 300
     batch_size: int = 16
@@ -287,8 +297,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "bf16"
     seed: int = 0
-    loss_weighting: str = "elbo"
+    loss_weighting: str = "elbo"  # elbo | stable | masked_mean (dMoE: Σ CE / #masked)
     antithetic: bool = True
+    mask_ratio_min: float = 0.0
+    mask_ratio_max: float = 1.0
+    init_from: str | None = None
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -315,6 +328,15 @@ class TrainConfig:
         check_float("train.grad_clip", self.grad_clip, low=0.0, low_open=True)
         check_choice("train.dtype", self.dtype, DTYPES)
         check_choice("train.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_float("train.mask_ratio_min", self.mask_ratio_min, low=0.0, high=1.0, high_open=True)
+        check_float("train.mask_ratio_max", self.mask_ratio_max, low=0.0, high=1.0, low_open=True)
+        if self.mask_ratio_min >= self.mask_ratio_max:
+            raise ValueError(
+                f"train.mask_ratio_min must be < train.mask_ratio_max, got {self.mask_ratio_min} >= "
+                f"{self.mask_ratio_max} (allowed: 0 <= min < max <= 1)"
+            )
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"train.init_from must be a run folder path or null, got {self.init_from!r}")
         if self.threads is not None:
             check_int("train.threads", self.threads, low=1)
 

@@ -3,6 +3,8 @@
     cfg = load_run_config("configs/demo.yaml", ["train.steps=50", "model.moe.router.kind=token_choice"])
 
 Unknown keys are refused with the closest valid names; wrong value types name the key and value.
+Dotted keys may fill an optional section that is null: `model.moe.router.block.top_p=0.6` creates
+block routing with the other fields at their defaults.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ def _clean(err: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key and key not in message else message
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults ← YAML file ← `key=value` overrides, validated into a `RunConfig`."""
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Defaults ← `base` (a saved run's config dict) ← YAML file ← `key=value` overrides, validated."""
     schema = OmegaConf.structured(RunConfig)
     layers = [schema]
     try:
+        if base is not None:
+            layers.append(OmegaConf.create(base))
         if path is not None:
             path = Path(path)
             if not path.is_file():

@@ -4,55 +4,109 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
-from dlmoe.config import RunConfig, SampleConfig
+from dlmoe.config import BlockRoutingConfig, RunConfig, SampleConfig
 from dlmoe.config_io import run_config_from_dict
 from dlmoe.data import load_tokenizer
 from dlmoe.diffusion.noise import add_mask_noise
-from dlmoe.diffusion.sampler import generate
 from dlmoe.model.hf import DlmoeForDiffusionLM
+from dlmoe.sampling import CapacityPolicy, GenerationStats, StepInfo, generate
 from dlmoe.train.data_setup import prepare_data
 from dlmoe.train.metrics import routing_summary
 
 
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The config of a finished run, without loading its weights."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "config.json").is_file():
+        raise ValueError(f"no trained model in {str(run_dir / 'model')!r} (train first: dlmoe train run_dir={run_dir})")
+    return run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
+
+
 def load_run(run_dir: str | Path) -> tuple[RunConfig, DlmoeForDiffusionLM, object]:
     """(config, model in eval mode, tokenizer) of a finished run (`<run_dir>/model`)."""
-    run_dir = Path(run_dir)
-    model_dir = run_dir / "model"
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"no trained model in {str(model_dir)!r} (train first: dlmoe train run_dir={run_dir})")
-    config = run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    model = DlmoeForDiffusionLM.from_pretrained(model_dir).eval()
+    config = read_run_config(run_dir)
+    model_dir = Path(run_dir) / "model"
+    hf_logging.disable_progress_bar()  # transformers' per-tensor "Loading weights" bar is noise here
+    try:
+        model = DlmoeForDiffusionLM.from_pretrained(model_dir).eval()
+    finally:
+        hf_logging.enable_progress_bar()
     return config, model, load_tokenizer(model_dir)
 
 
-def sample_text(run_dir: str | Path, sample: SampleConfig | None = None, seed: int = 0) -> list[str]:
+@dataclass(frozen=True)
+class SampleOutput:
+    """Texts (prompt + generation, one per row) and what generating them cost."""
+
+    texts: list[str]
+    prompts: list[str]
+    stats: GenerationStats
+
+
+def sample_text(
+    run_dir: str | Path,
+    sample: SampleConfig | None = None,
+    *,
+    prompts: list[str] | None = None,
+    seed: int = 0,
+    threshold: float | None = None,
+    cache: str = "none",
+    cfg_scale: float = 0.0,
+    block_routing: BlockRoutingConfig | None = None,
+    capacity: CapacityPolicy | None = None,
+    stop_at_eos: bool = False,
+    progress: bool = False,
+) -> SampleOutput:
+    """Generate from a trained run: each prompt (default: the config's) `num_samples` times, as one
+    left-padded batch. Options are those of `dlmoe.sampling.generate`."""
     config, model, tokenizer = load_run(run_dir)
     s = sample or config.sample
-    prompt_ids = tokenizer.encode(s.prompt)
-    if len(prompt_ids) + s.gen_length > config.model.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt_ids)} tokens) + gen_length={s.gen_length} exceeds the model's "
-            f"max_seq_len={config.model.max_seq_len}"
-        )
-    prompt = torch.tensor([prompt_ids] * s.num_samples, dtype=torch.long)
+    prompts = [s.prompt] if prompts is None else prompts
+    rows = [p for p in prompts for _ in range(s.num_samples)]
+    prompt_ids = [tokenizer.encode(p) for p in rows]
+    for text, ids in zip(rows, prompt_ids, strict=True):
+        if not ids:
+            raise ValueError(f"prompt {text!r} encodes to no tokens")
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    num_steps = s.steps if threshold is None else None
+    with tqdm(total=s.gen_length * len(rows), disable=not progress, desc="sample", unit="tok") as bar:
+
+        def advance(info: StepInfo) -> None:
+            bar.update(int(info.committed.sum()))
+
         result = generate(
-            lambda x, r: model(x, mask_ratio=r).logits,
-            prompt,
+            model,
+            prompt_ids,
             gen_length=s.gen_length,
             block_length=s.block_length,
-            steps=s.steps,
+            steps=num_steps,
             temperature=s.temperature,
             remasking=s.remasking,
-            mask_id=config.model.mask_id,
+            threshold=threshold,
+            cache=cache,
+            cfg_scale=cfg_scale,
+            block_routing=block_routing,
+            capacity=capacity,
+            eos_id=config.model.eos_id,
+            stop_at_eos=stop_at_eos,
             generator=generator,
+            callback=advance if progress else None,
         )
-    return [s.prompt + tokenizer.decode(row.tolist()) for row in result.generated]
+    eos = config.model.eos_id
+    texts = []
+    for text, row in zip(rows, result.generated, strict=True):
+        ids = row.tolist()
+        if stop_at_eos and eos in ids:
+            ids = ids[: ids.index(eos)]
+        texts.append(text + tokenizer.decode(ids))
+    return SampleOutput(texts, rows, result.stats)
 
 
 @torch.no_grad()

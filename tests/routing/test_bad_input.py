@@ -113,7 +113,11 @@ CASES: list[Case] = [
         lambda: RouterConfig(kind="expert_choice", capacity_schedule="gaussian", k_min=1, k_max=4, schedule_sigma=0.0),
         r"sigma.*\b0\.0\b",
     ),
-    ("cfg_block_ec", lambda: RouterConfig(kind="expert_choice", block=BlockRoutingConfig(guard=2)), r"block"),
+    (  # block routing is allowed for both kinds; the guard bound holds for both
+        "cfg_block_ec_guard_gt_E",
+        lambda: RouterConfig(kind="expert_choice", num_experts=4, block=BlockRoutingConfig(guard=5)),
+        r"guard.*\b5\b",
+    ),
 ]
 
 
@@ -155,9 +159,9 @@ def test_ec_router_missing_mask_ratio() -> None:
     [
         (lambda: RouterConfig(kind="token_choice", capacity_schedule="cosine", k_min=1, k_max=4), "cosine"),
         (lambda: RouterConfig(kind="expert_choice", capacity_schedule="linear", k_max=4), "None"),
-        (lambda: RouterConfig(kind="expert_choice", block=BlockRoutingConfig(guard=2)), "expert_choice"),
+        (lambda: RouterConfig(kind="expert_choice", num_experts=4, block=BlockRoutingConfig(guard=5)), "5"),
     ],
-    ids=["schedule_with_token_choice", "schedule_without_k_min", "block_with_expert_choice"],
+    ids=["schedule_with_token_choice", "schedule_without_k_min", "block_guard_with_expert_choice"],
 )
 def test_router_config_messages_name_the_value(make: Callable[[], object], value: str) -> None:
     # regression: these messages named the field but not the offending value

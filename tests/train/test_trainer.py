@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlmoe.config_io import load_run_config
 from dlmoe.inference import eval_ppl, routing_by_mask_ratio, sample_text
@@ -81,7 +82,7 @@ def test_train_sample_eval_on_expert_choice_with_schedule(tmp_path: Path) -> Non
     rows = losses(summary.run_dir)
     assert float(rows[-1][1]) < float(rows[0][1])  # it learns
     assert (summary.run_dir / "loss.png").stat().st_size > 0
-    texts = sample_text(summary.run_dir)
+    texts = sample_text(summary.run_dir).texts
     assert len(texts) == config.sample.num_samples and all(t.startswith(config.sample.prompt) for t in texts)
     stats = routing_by_mask_ratio(summary.run_dir)
     # linear_reverse: more experts per token at low mask ratio
@@ -142,3 +143,17 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path: Pat
     with pytest.raises(TrainingError, match="step 5"):
         trainer.fit()
     assert (tmp_path / "nan" / "checkpoints" / "step_00000004").exists()
+
+
+def test_training_noise_follows_the_mask_ratio_range_and_validation_the_full_range(tmp_path: Path) -> None:
+    extra = {"train.mask_ratio_min": 0.3, "train.mask_ratio_max": 0.8, "train.loss_weighting": "masked_mean"}
+    trainer = Trainer(load_run_config(None, overrides(tmp_path, "range", **extra)), progress=False)
+    batch = trainer.data.validation_batches[0]
+    t = trainer._loss(batch, torch.Generator().manual_seed(0))[3].t
+    assert t.min() >= 0.3 and t.max() < 0.8
+    t = trainer._loss(batch, torch.Generator().manual_seed(0), validation=True)[3].t
+    assert t.min() < 0.25  # antithetic over U(0, 1): one draw per quarter
+    with pytest.raises(ValueError, match=r"train\.mask_ratio_min.*0\.8.*0\.3"):
+        load_run_config(None, ["train.mask_ratio_min=0.8", "train.mask_ratio_max=0.3"])
+    with pytest.raises(ValueError, match=r"train\.mask_ratio_max.*1\.5"):
+        load_run_config(None, ["train.mask_ratio_max=1.5"])

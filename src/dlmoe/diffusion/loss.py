@@ -3,8 +3,10 @@
     loss = (1 / (B·L)) Σ_b (1 / r_b) Σ_{i masked} CE(x_i | x_t)        (ELBO, LLaDA / EC-DLM)
 
 with r_b the realized mask ratio; "stable" drops the 1/r_b weight (EC-DLM's
---difflm-stable-training). The per-bin view reports, for each mask-ratio bin, the mean CE over
-masked tokens (what EC-DLM logs as per-bin validation loss).
+--difflm-stable-training); "masked_mean" is dMoE's fine-tuning objective, the plain mean CE over the
+masked tokens of the batch, Σ_b Σ_{i masked} CE / #masked (not a bound: report the ELBO beside it).
+The per-bin view reports, for each mask-ratio bin, the mean CE over masked tokens (what EC-DLM logs
+as per-bin validation loss).
 
 Letters: B batch, L length, V vocab.
 """
@@ -17,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlmoe._checks import check_int
+from dlmoe._checks import check_choice, check_int
 
-WEIGHTINGS = ("elbo", "stable")
+WEIGHTINGS = ("elbo", "stable", "masked_mean")
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,16 @@ class DiffusionLoss:
 def masked_diffusion_loss(
     logits_BLV: Tensor, targets_BL: Tensor, masked_BL: Tensor, mask_ratio_B: Tensor, *, weighting: str = "elbo"
 ) -> DiffusionLoss:
-    """ELBO (or stable, unweighted) masked-token cross-entropy, normalised by all B·L tokens."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+    """ELBO (or stable, unweighted) masked-token cross-entropy normalised by all B·L tokens, or
+    (masked_mean) by the number of masked tokens."""
+    check_choice("weighting", weighting, WEIGHTINGS)
     batch, length, vocab = logits_BLV.shape
     ce_BL = F.cross_entropy(logits_BLV.float().reshape(-1, vocab), targets_BL.reshape(-1), reduction="none")
     ce_BL = ce_BL.view(batch, length) * masked_BL
     per_row = ce_BL.sum(1)
+    if weighting == "masked_mean":
+        num_masked = masked_BL.sum()
+        return DiffusionLoss(per_row.sum() / num_masked.clamp_min(1), ce_BL, num_masked)
     if weighting == "elbo":
         per_row = per_row / mask_ratio_B.clamp_min(1.0 / length)
     return DiffusionLoss(per_row.sum() / (batch * length), ce_BL, masked_BL.sum())

@@ -1,9 +1,10 @@
 """Forward noising of the absorbing-mask diffusion (LLaDA / MDLM).
 
-Per sequence t_b ~ U(0, 1) (optionally antithetic: evenly spaced with one shared random offset,
-which lowers the variance of the batch loss); each token is masked iid with probability t_b;
-a row with no masked token gets one at a random position. The realized ratio
-r_b = #masked_b / L — not t_b — is what the loss weights by and what routers see as the timestep.
+Per sequence t_b ~ U(t_min, t_max), by default U(0, 1) (dMoE fine-tunes on [0.3, 0.8]); optionally
+antithetic: evenly spaced with one shared random offset, which lowers the variance of the batch loss.
+Each token is masked iid with probability t_b; a row with no masked token gets one at a random position.
+The realized ratio r_b = #masked_b / L — not t_b — is what the loss weights by and what routers see as
+the timestep.
 
 Letters: B batch, L length.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dlmoe._checks import check_int, check_tensor
+from dlmoe._checks import check_float, check_int, check_tensor
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,30 @@ def sample_t(
     antithetic: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    t_min: float = 0.0,
+    t_max: float = 1.0,
 ) -> Tensor:
-    """[B] masking probabilities in [0, 1): iid uniform, or antithetic (stratified) over the batch."""
+    """[B] masking probabilities in [t_min, t_max): iid uniform, or antithetic (stratified) over the batch.
+
+    Draws u in [0, 1) and maps it affinely, so the strata stay strata of the range and the default
+    range returns u itself (bit for bit: resumed runs repeat their noise)."""
     check_int("batch", batch, low=1)
+    _check_range(t_min, t_max)
     if antithetic:
         offset = torch.rand((), generator=generator, device=device)
-        return (offset + torch.arange(batch, device=device) / batch) % 1.0
-    return torch.rand(batch, generator=generator, device=device)
+        u = (offset + torch.arange(batch, device=device) / batch) % 1.0
+    else:
+        u = torch.rand(batch, generator=generator, device=device)
+    if (t_min, t_max) == (0.0, 1.0):
+        return u
+    return t_min + (t_max - t_min) * u
+
+
+def _check_range(t_min: float, t_max: float) -> None:
+    check_float("t_min", t_min, low=0.0, high=1.0, high_open=True)
+    check_float("t_max", t_max, low=0.0, high=1.0, low_open=True)
+    if t_min >= t_max:
+        raise ValueError(f"t_min must be < t_max, got t_min={t_min}, t_max={t_max} (allowed: 0 <= t_min < t_max <= 1)")
 
 
 def add_mask_noise(
@@ -50,15 +68,18 @@ def add_mask_noise(
     t: Tensor | None = None,
     antithetic: bool = False,
     generator: torch.Generator | None = None,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
 ) -> NoisedBatch:
-    """Mask each token of row b with probability t_b (at least one per row)."""
+    """Mask each token of row b with probability t_b (at least one per row); t_b drawn in [t_min, t_max)
+    unless given."""
     input_ids = check_tensor("input_ids", input_ids, ndim=2, floating=False)
     batch, length = input_ids.shape
     if length < 1:
         raise ValueError(f"input_ids must have at least one position, got shape {tuple(input_ids.shape)}")
     device = input_ids.device
     if t is None:
-        t = sample_t(batch, antithetic=antithetic, generator=generator, device=device)
+        t = sample_t(batch, antithetic=antithetic, generator=generator, device=device, t_min=t_min, t_max=t_max)
     else:
         check_tensor("t", t, shape=(batch,), floating=True)
     masked = torch.rand(batch, length, generator=generator, device=device) < t[:, None]

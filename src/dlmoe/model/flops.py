@@ -50,3 +50,25 @@ def model_size(config: ModelConfig, seq_len: int | None = None) -> ModelSize:
     length = seq_len if seq_len is not None else config.max_seq_len
     attention_flops = 4 * config.num_layers * length * heads * hd
     return ModelSize(int(total), active, embedding, 2 * active + attention_flops)
+
+
+def forward_flops(
+    config: ModelConfig, *, batch: int, query_length: int, key_length: int, slots_per_moe_layer: list[int]
+) -> float:
+    """Matmul FLOPs of one forward that actually ran: `batch` rows of `query_length` fed tokens,
+    each attending over `key_length` key columns (cached ones included), with the measured number
+    of routed slots (token-expert pairs) in each MoE layer. Embedding lookups count zero."""
+    d, heads, kv, hd = config.dim, config.num_heads, config.kv_heads, config.head_size
+    tokens = batch * query_length
+    moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    if len(slots_per_moe_layer) != len(moe_layers):
+        raise ValueError(f"expected slot counts for {len(moe_layers)} MoE layers, got {len(slots_per_moe_layer)}")
+    projections = 2 * tokens * (2 * d * heads * hd + 2 * d * kv * hd)
+    scores = 4 * batch * query_length * key_length * heads * hd
+    flops = config.num_layers * (projections + scores) + 2 * tokens * d * config.vocab_size
+    flops += (config.num_layers - len(moe_layers)) * 6 * tokens * d * config.dense_hidden
+    if moe_layers:
+        moe = config.moe
+        per_layer = 2 * tokens * d * moe.router.num_experts + 6 * tokens * d * moe.shared_width
+        flops += len(moe_layers) * per_layer + 6 * d * moe.expert_hidden * sum(slots_per_moe_layer)
+    return float(flops)

@@ -62,9 +62,14 @@ class DlmoeForDiffusionLM(PreTrainedModel):
         return
 
     def forward(
-        self, input_ids: Tensor, mask_ratio: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        mask_ratio: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
     ) -> ModelOutput:
-        return self.model(input_ids, mask_ratio=mask_ratio, attention_mask=attention_mask)
+        """See `DiffusionTransformer.forward` (position_ids, block_ids, routing, kv_cache, ...)."""
+        return self.model(input_ids, mask_ratio=mask_ratio, attention_mask=attention_mask, **kwargs)
 
 
 AutoConfig.register("dlmoe", DlmoeConfig, exist_ok=True)

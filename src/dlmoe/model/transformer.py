@@ -1,14 +1,18 @@
 """Bidirectional transformer for masked diffusion LMs, with MoE feed-forward blocks.
 
 embed → [RMSNorm → attention → RMSNorm → FFN (MoE or dense SwiGLU)] × L → RMSNorm → head.
-Attention is fully bidirectional (no shift between inputs and labels). The per-sample mask
-ratio r [B] flows explicitly to every MoE layer: expert-choice capacity schedules read it.
+Attention is bidirectional (no shift between inputs and labels), or block-causal (a block
+attends to itself and earlier blocks, which makes a KV cache of finished blocks exact). The
+per-sample mask ratio r [B] flows explicitly to every MoE layer: expert-choice capacity schedules
+read it. For cached sampling the model runs on a slice of a canvas against a `KVCache` of the
+other columns; left padding is carried by `attention_mask` and per-row `position_ids`.
 
-Letters: B batch, L length, D model width, H heads, K kv heads, Hd head size, V vocab.
+Letters: B batch, L fed length, C key columns, D model width, H heads, K kv heads, Hd head size, V vocab.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +21,9 @@ from torch import Tensor, nn
 
 from dlmoe._checks import check_tensor
 from dlmoe.config import ModelConfig
+from dlmoe.model.kv_cache import KVCache, spliced
 from dlmoe.moe import MoELayer, SwiGLU
+from dlmoe.routing.context import RoutingContext
 from dlmoe.routing.dispatch import Dispatch
 
 
@@ -56,11 +62,11 @@ class RotaryEmbedding(nn.Module):
             self._tables[device] = (angles.cos().float().to(device), angles.sin().float().to(device))
         return self._tables[device]
 
-    def forward(self, x_BHLd: Tensor, positions_L: Tensor) -> Tensor:
+    def forward(self, x_BHLd: Tensor, positions_BL: Tensor) -> Tensor:
         cos_table, sin_table = self.tables(x_BHLd.device)
         rot, rest = x_BHLd[..., : self.rotary_dim], x_BHLd[..., self.rotary_dim :]
-        cos = cos_table[positions_L].to(x_BHLd.dtype)
-        sin = sin_table[positions_L].to(x_BHLd.dtype)
+        cos = cos_table[positions_BL].unsqueeze(1).to(x_BHLd.dtype)  # [B, 1, L, rotary_dim]
+        sin = sin_table[positions_BL].unsqueeze(1).to(x_BHLd.dtype)
         half = self.rotary_dim // 2
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
@@ -80,7 +86,16 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.rope = rope
 
-    def forward(self, x_BLD: Tensor, positions_L: Tensor, key_padding_BL: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x_BLD: Tensor,
+        positions_BL: Tensor,
+        mask_BLC: Tensor | None,
+        cache: tuple[Tensor, Tensor] | None = None,
+        cache_start: int = 0,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend from the fed tokens to the key columns (the fed ones, spliced into `cache` at
+        `cache_start` when given). Returns the output and the fed tokens' fresh (rotated) K/V."""
         batch, length, _ = x_BLD.shape
         q = self.q_proj(x_BLD).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x_BLD).view(batch, length, self.num_kv_heads, self.head_dim)
@@ -88,10 +103,15 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H or K, L, Hd]
-        q, k = self.rope(q, positions_L), self.rope(k, positions_L)
-        mask = None if key_padding_BL is None else key_padding_BL[:, None, None, :]  # True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        q, k = self.rope(q, positions_BL), self.rope(k, positions_BL)
+        keys, values = (
+            (k, v) if cache is None else (spliced(cache[0], k, cache_start), spliced(cache[1], v, cache_start))
+        )
+        mask = None if mask_BLC is None else mask_BLC[:, None]  # True = attend
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), (k, v)
 
 
 class Block(nn.Module):
@@ -107,14 +127,22 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x_BLD: Tensor, positions_L: Tensor, key_padding_BL: Tensor | None, mask_ratio_B: Tensor | None
-    ) -> tuple[Tensor, Dispatch | None, Tensor | None]:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_L, key_padding_BL)
+        self,
+        x_BLD: Tensor,
+        positions_BL: Tensor,
+        mask_BLC: Tensor | None,
+        mask_ratio_B: Tensor | None,
+        routing: RoutingContext | None,
+        cache: tuple[Tensor, Tensor] | None,
+        cache_start: int,
+    ) -> tuple[Tensor, Dispatch | None, Tensor | None, tuple[Tensor, Tensor]]:
+        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, mask_BLC, cache, cache_start)
+        x_BLD = x_BLD + attn_BLD
         h_BLD = self.ffn_norm(x_BLD)
         if isinstance(self.ffn, MoELayer):
-            y_BLD, moe = self.ffn(h_BLD, mask_ratio_B)
-            return x_BLD + y_BLD, moe.dispatch, moe.aux_loss
-        return x_BLD + self.ffn(h_BLD), None, None
+            y_BLD, moe = self.ffn(h_BLD, mask_ratio_B, routing)
+            return x_BLD + y_BLD, moe.dispatch, moe.aux_loss, kv
+        return x_BLD + self.ffn(h_BLD), None, None, kv
 
 
 @dataclass
@@ -124,6 +152,7 @@ class ModelOutput:
     logits: Tensor
     aux_loss: Tensor
     dispatches: list[Dispatch] = field(default_factory=list)
+    kv: KVCache | None = None  # fresh K/V of the fed tokens (with `return_kv=True`)
 
 
 class DiffusionTransformer(nn.Module):
@@ -155,24 +184,135 @@ class DiffusionTransformer(nn.Module):
         input_ids: Tensor,
         mask_ratio: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        block_ids: Tensor | None = None,
+        routing: RoutingContext | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+        return_kv: bool = False,
     ) -> ModelOutput:
-        """input_ids [B, L] int; mask_ratio [B] (default: fraction of mask tokens per row);
-        attention_mask [B, L] (1 = real token, 0 = padding that no query attends to)."""
+        """Logits of the fed tokens.
+
+        input_ids: [B, L] int, the fed tokens (a whole sequence, or canvas columns
+            [cache_start, cache_start + L) when `kv_cache` is given).
+        mask_ratio: [B] routers' timestep (default: fraction of mask tokens among real fed tokens).
+        attention_mask: [B, L] (1 = real token, 0 = padding that no query attends to).
+        position_ids: [B, L] RoPE positions (default: cache_start + arange(L); with padding and no
+            cache, the count of real tokens before each one, so left padding shifts nothing).
+        block_ids: [L] int64 non-decreasing blocks of the fed columns, shared by all rows: the
+            blocks of block-causal attention (default: column // attention_block_size) and, when
+            passed, of dMoE block routing (else the router's own block_size).
+        routing: per-forward routing options (block routing, EC capacity); padding and block ids
+            are filled in from attention_mask and block_ids.
+        kv_cache: K/V of the other canvas columns; the fed columns replace theirs.
+        return_kv: also return the fed tokens' K/V (`ModelOutput.kv`) to build or extend a cache.
+        """
         input_ids = check_tensor("input_ids", input_ids, ndim=2, floating=False)
         batch, length = input_ids.shape
-        if length > self.config.max_seq_len:
-            raise ValueError(f"input length {length} exceeds model.max_seq_len={self.config.max_seq_len}")
+        valid_BL = self._valid(attention_mask, batch, length)
+        positions_BL = self._positions(position_ids, valid_BL, kv_cache, cache_start, batch, length, input_ids.device)
+        blocks_L = self._blocks(block_ids, cache_start, length, input_ids.device)
+        mask_BLC = self._attention_mask(valid_BL, blocks_L, kv_cache, cache_start, batch, length)
         if mask_ratio is None:
-            mask_ratio = (input_ids == self.config.mask_id).float().mean(1)
-        key_padding = None if attention_mask is None else attention_mask.bool()
-        positions = torch.arange(length, device=input_ids.device)
+            is_mask_BL = input_ids == self.config.mask_id
+            if valid_BL is None:
+                mask_ratio = is_mask_BL.float().mean(1)
+            else:
+                mask_ratio = (is_mask_BL & valid_BL).sum(1).float() / valid_BL.sum(1).clamp_min(1).float()
+        routing = dataclasses.replace(routing or RoutingContext(), valid=valid_BL, block_ids=block_ids)
         x = self.embed_tokens(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
         dispatches: list[Dispatch] = []
-        for layer in self.layers:
-            x, dispatch, layer_aux = layer(x, positions, key_padding, mask_ratio)
+        fresh_keys, fresh_values = [], []
+        for index, layer in enumerate(self.layers):
+            cache = None if kv_cache is None else (kv_cache.keys[index], kv_cache.values[index])
+            x, dispatch, layer_aux, (k, v) = layer(x, positions_BL, mask_BLC, mask_ratio, routing, cache, cache_start)
+            if return_kv:
+                fresh_keys.append(k)
+                fresh_values.append(v)
             if dispatch is not None:
                 dispatches.append(dispatch)
                 aux = aux + layer_aux
         logits = self.lm_head(self.norm(x))
-        return ModelOutput(logits=logits, aux_loss=aux, dispatches=dispatches)
+        kv = None
+        if return_kv:
+            valid = valid_BL if valid_BL is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
+            kv = KVCache(tuple(fresh_keys), tuple(fresh_values), valid, blocks_L)
+        return ModelOutput(logits=logits, aux_loss=aux, dispatches=dispatches, kv=kv)
+
+    # ------------------------------------------------------------------ input plumbing
+
+    def _valid(self, attention_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+        if attention_mask is None:
+            return None
+        check_tensor("attention_mask", attention_mask, shape=(batch, length))
+        valid = attention_mask.bool()
+        return None if bool(valid.all()) else valid
+
+    def _positions(
+        self,
+        position_ids: Tensor | None,
+        valid_BL: Tensor | None,
+        kv_cache: KVCache | None,
+        cache_start: int,
+        batch: int,
+        length: int,
+        device: torch.device,
+    ) -> Tensor:
+        if position_ids is not None:
+            positions = check_tensor("position_ids", position_ids, shape=(batch, length), floating=False).long()
+        elif valid_BL is not None and kv_cache is None:
+            positions = (valid_BL.long().cumsum(1) - 1).clamp_min(0)
+        else:
+            positions = torch.arange(cache_start, cache_start + length, device=device).expand(batch, length)
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len):
+            raise ValueError(
+                f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len}), got "
+                f"[{int(positions.min())}, {int(positions.max())}] (input length {length}, cache_start {cache_start})"
+            )
+        return positions
+
+    def _blocks(self, block_ids: Tensor | None, cache_start: int, length: int, device: torch.device) -> Tensor:
+        if block_ids is None:
+            return torch.arange(cache_start, cache_start + length, device=device) // self.config.attention_block_size
+        block_ids = check_tensor("block_ids", block_ids, shape=(length,), floating=False).long()
+        if length > 1 and bool((block_ids[1:] < block_ids[:-1]).any()):
+            raise ValueError(f"block_ids must be non-decreasing, got {block_ids.tolist()}")
+        return block_ids
+
+    def _attention_mask(
+        self,
+        valid_BL: Tensor | None,
+        blocks_L: Tensor,
+        kv_cache: KVCache | None,
+        cache_start: int,
+        batch: int,
+        length: int,
+    ) -> Tensor | None:
+        """[B, L, C] bool (True = attend), or None when every query may attend to every key."""
+        block_causal = self.config.attention == "block_causal"
+        if kv_cache is None:
+            if valid_BL is None and not block_causal:
+                return None
+            key_valid = (
+                valid_BL if valid_BL is not None else torch.ones_like(blocks_L, dtype=torch.bool).expand(batch, -1)
+            )
+            key_blocks = blocks_L
+        else:
+            if kv_cache.batch_size != batch:
+                raise ValueError(f"kv_cache holds {kv_cache.batch_size} rows, input has {batch}")
+            if not 0 <= cache_start <= kv_cache.length:
+                raise ValueError(f"cache_start must lie in [0, {kv_cache.length}] (cached columns), got {cache_start}")
+            fed_valid = valid_BL if valid_BL is not None else kv_cache.valid.new_ones(batch, length)
+            end = cache_start + length
+            key_valid = torch.cat([kv_cache.valid[:, :cache_start], fed_valid, kv_cache.valid[:, end:]], dim=1)
+            key_blocks = torch.cat([kv_cache.block_ids[:cache_start], blocks_L, kv_cache.block_ids[end:]])
+        if not block_causal and bool(key_valid.all()):
+            return None
+        mask = key_valid[:, None, :].expand(batch, length, -1)
+        if block_causal:
+            mask = mask & (key_blocks[None, None, :] <= blocks_L[None, :, None])
+        if valid_BL is not None:  # padding queries attend everywhere: no empty softmax rows (their output is unused)
+            mask = mask | ~valid_BL[:, :, None]
+        return mask

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from dlmoe._checks import check_int, check_tensor
 from dlmoe.config import MoEConfig
 from dlmoe.moe.experts import Experts, SwiGLU
+from dlmoe.routing.context import RoutingContext
 from dlmoe.routing.dispatch import Dispatch
 from dlmoe.routing.routers import build_router
 
@@ -28,7 +29,8 @@ class MoELayer(nn.Module):
     """Mixture-of-experts SwiGLU feed-forward block.
 
     Forward, in order:
-      1. route: the router turns x [B, L, D] (and the per-sample mask ratio) into a `Dispatch`;
+      1. route: the router turns x [B, L, D] (and the per-sample mask ratio, and the per-forward
+         `RoutingContext`: padding, blocks, block routing, EC capacity) into a `Dispatch`;
       2. dispatch: gather the rows of x each slot carries, sorted by expert → [S, D];
       3. experts: `self.experts(rows, counts, gates)` → gate · Expert(row) — the one place expert
          parallelism wraps;
@@ -44,15 +46,20 @@ class MoELayer(nn.Module):
         self.experts = Experts(config.router.num_experts, dim, config.expert_hidden, config.backend)
         self.shared_experts = SwiGLU(dim, config.shared_width) if config.shared_width else None
 
-    def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> tuple[Tensor, MoEOutput]:
-        """x [B, L, D] → (out [B, L, D], MoEOutput). `mask_ratio` [B] feeds capacity schedules."""
+    def forward(
+        self, x_BLD: Tensor, mask_ratio: Tensor | None = None, context: RoutingContext | None = None
+    ) -> tuple[Tensor, MoEOutput]:
+        """x [B, L, D] → (out [B, L, D], MoEOutput). `mask_ratio` [B] feeds capacity schedules.
+
+        Padding (`context.valid` False) gets no routed output: only the shared experts, if any.
+        """
         check_tensor("x", x_BLD, ndim=3, floating=True)
         if x_BLD.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension {self.dim}, got shape {tuple(x_BLD.shape)}")
         batch, length, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
 
-        dispatch = self.router(x_BLD, mask_ratio)
+        dispatch = self.router(x_BLD, mask_ratio, context)
         rows_SD = dispatch.gather(x_ND)
         y_SD = self.experts(rows_SD, dispatch.counts, dispatch.gate, equal_counts=dispatch.equal_counts)
         out_ND = dispatch.combine(y_SD, apply_gate=False)

@@ -1,15 +1,19 @@
 """Routers for MoE diffusion LMs; all of them return a `Dispatch`.
 
 Functional API (pure functions on router logits / scores, no parameters):
-    token_choice(logits, k, *, score, renormalize, capacity_factor, expert_bias, ...)
-    expert_choice(logits, k, *, pool, select, gate, z_loss_coef)   # k: int or [B] int tensor
-    block_route(scores, k, *, block_size, top_p, guard, ...)        # dMoE block routing
+    token_choice(logits, k, *, score, renormalize, capacity_factor, expert_bias, ..., valid)
+    expert_choice(logits, k, *, pool, select, gate, z_loss_coef, valid)   # k: int or [B] int tensor
+    block_route(scores, k, *, block_size, block_ids, valid, top_p, guard, ...)   # dMoE block routing
+    block_expert_choice(logits, k, *, block_size, block_ids, valid, top_p, guard, select, gate)
     schedules.dynamic_k(r, schedule, k_min, k_max), schedules.expected_k(schedule, k_min, k_max)
-Modules (own W_r, fp32 logits): TokenChoiceRouter, ExpertChoiceRouter, build_router.
+Modules (own W_r, fp32 logits): TokenChoiceRouter, ExpertChoiceRouter, build_router; their
+forward(x, mask_ratio, context) takes a per-forward RoutingContext (padding, blocks, EC capacity).
 """
 
 from dlmoe.routing import schedules
 from dlmoe.routing.block import block_route
+from dlmoe.routing.block_expert_choice import block_expert_choice
+from dlmoe.routing.context import RoutingContext
 from dlmoe.routing.dispatch import Dispatch, RoutingStats, unique_experts_per_block
 from dlmoe.routing.expert_choice import expert_choice
 from dlmoe.routing.routers import (
@@ -27,8 +31,10 @@ __all__ = [
     "Dispatch",
     "ExpertChoiceRouter",
     "Router",
+    "RoutingContext",
     "RoutingStats",
     "TokenChoiceRouter",
+    "block_expert_choice",
     "block_route",
     "build_router",
     "expert_choice",

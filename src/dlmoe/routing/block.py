@@ -1,6 +1,7 @@
 """Block-level expert routing (dMoE): the tokens of a block vote for a small expert coreset.
 
-For each block of `block_size` consecutive positions of a sequence (the sampler's decoding block):
+For each block of a sequence — `block_size` consecutive positions, or the runs of equal
+`block_ids` (the sampler's decoding blocks) — with padding (`valid` False) left out:
   1. each token keeps its top-k (biased) scores, zeros elsewhere;
   2. votes v = Σ_tokens of those, normalised to sum 1;
   3. coreset = smallest set of experts, by descending vote, whose cumulative vote reaches top_p
@@ -12,7 +13,7 @@ Fewer unique experts per forward means fewer expert weights streamed from memory
 A last, shorter block (L not a multiple of block_size) votes among its own tokens only — unlike
 the reference code, whose -inf padding turns those votes into NaN.
 
-Letters: B batch, L length, P = n_blocks, T block_size, E experts, K top-k, N tokens.
+Letters: B batch, L length, P blocks, E experts, K top-k, N tokens.
 """
 
 from __future__ import annotations
@@ -21,21 +22,69 @@ import torch
 from torch import Tensor
 
 from dlmoe._checks import check_float, check_int, check_tensor
+from dlmoe.routing.context import check_block_ids, check_valid
 from dlmoe.routing.dispatch import Dispatch, sorted_dispatch_from_topk
 from dlmoe.routing.token_choice import _check_tc_args, route_topk_scores
 
 
-def block_votes(choice_BLE: Tensor, k: int, block_size: int) -> Tensor:
-    """[B, P, E] normalised votes: per block, the sum of each token's top-k (biased) scores."""
-    batch, length, num_experts = choice_BLE.shape
-    num_blocks = -(-length // block_size)
-    values_BLK, experts_BLK = choice_BLE.topk(k, dim=-1)
-    kept_BLE = torch.zeros_like(choice_BLE).scatter_(-1, experts_BLK, values_BLK)
-    pad = num_blocks * block_size - length
-    if pad:  # padded rows contribute nothing
-        kept_BLE = torch.cat([kept_BLE, kept_BLE.new_zeros(batch, pad, num_experts)], dim=1)
-    votes_BPE = kept_BLE.view(batch, num_blocks, block_size, num_experts).sum(2)
-    return votes_BPE / votes_BPE.sum(-1, keepdim=True).clamp_min(1e-20)
+def block_layout(length: int, block_size: int, block_ids: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
+    """([L] int64 block of each position, number of blocks P).
+
+    Default: runs of `block_size` positions; with `block_ids` [L] (non-decreasing), one block per
+    run of equal ids — the sampler's decoding blocks, whatever their lengths.
+    """
+    if block_ids is None:
+        return torch.arange(length, device=device) // block_size, -(-length // block_size)
+    ids_P, block_L = torch.unique_consecutive(block_ids, return_inverse=True)
+    return block_L, ids_P.numel()
+
+
+def topk_kept(choice_BLE: Tensor, k: int | Tensor) -> Tensor:
+    """[B, L, E]: each token's top-k values, zeros elsewhere; `k` an int or per row [B] (ranks ≥ k_b dropped)."""
+    if not isinstance(k, Tensor):
+        values_BLK, experts_BLK = choice_BLE.topk(k, dim=-1)
+    else:
+        values_BLK, experts_BLK = choice_BLE.topk(int(k.max()), dim=-1)
+        rank_K = torch.arange(values_BLK.shape[-1], device=choice_BLE.device)
+        values_BLK = torch.where(rank_K < k.view(-1, 1, 1), values_BLK, 0.0)
+    return torch.zeros_like(choice_BLE).scatter_(-1, experts_BLK, values_BLK)
+
+
+def sum_by_block(x_BLE: Tensor, block_L: Tensor, num_blocks: int, valid_BL: Tensor | None = None) -> Tensor:
+    """[B, P, E] float64: sums of `x` over the (valid) positions of each block.
+
+    Differences of float64 prefix sums: one pass for blocks of any lengths, and (on the CPU, where
+    the scan is sequential) a row's sums do not change when padding is added in front of it.
+    """
+    batch, _, num_experts = x_BLE.shape
+    x_BLE = x_BLE.double()
+    if valid_BL is not None:
+        x_BLE = x_BLE.masked_fill(~valid_BL.unsqueeze(-1), 0.0)
+    prefix_BLE = torch.cat([x_BLE.new_zeros(batch, 1, num_experts), x_BLE.cumsum(1)], dim=1)  # [B, L+1, E]
+    ends_P = torch.bincount(block_L, minlength=num_blocks).cumsum(0)
+    starts_P = torch.cat([ends_P.new_zeros(1), ends_P[:-1]])
+    return prefix_BLE[:, ends_P] - prefix_BLE[:, starts_P]
+
+
+def normalised_votes(
+    choice_BLE: Tensor, k: int | Tensor, block_L: Tensor, num_blocks: int, valid_BL: Tensor | None
+) -> Tensor:
+    """[B, P, E] votes in the dtype of `choice_BLE`, summing to 1 per block (0 where nothing voted)."""
+    votes_BPE = sum_by_block(topk_kept(choice_BLE, k), block_L, num_blocks, valid_BL)
+    return (votes_BPE / votes_BPE.sum(-1, keepdim=True).clamp_min(1e-20)).to(choice_BLE.dtype)
+
+
+def block_votes(
+    choice_BLE: Tensor,
+    k: int | Tensor,
+    block_size: int = 32,
+    *,
+    block_ids: Tensor | None = None,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """[B, P, E] normalised votes: per block, the sum of each valid token's top-k (biased) scores."""
+    block_L, num_blocks = block_layout(choice_BLE.shape[1], block_size, block_ids, choice_BLE.device)
+    return normalised_votes(choice_BLE, k, block_L, num_blocks, valid)
 
 
 def top_p_coreset(votes_BPE: Tensor, top_p: float, guard: int) -> Tensor:
@@ -57,6 +106,8 @@ def block_route(
     k: int,
     *,
     block_size: int = 32,
+    block_ids: Tensor | None = None,
+    valid: Tensor | None = None,
     top_p: float = 0.6,
     guard: int = 16,
     expert_bias: Tensor | None = None,
@@ -70,7 +121,9 @@ def block_route(
     Args:
         scores: [B, L, E] float routing scores (sigmoid or softmax of the router logits).
         k: experts per token.
-        block_size: positions per block (the decoding block; 32 in dMoE).
+        block_size: positions per block (the decoding block; 32 in dMoE); unused with `block_ids`.
+        block_ids: [L] int64 non-decreasing, shared by all rows: one block per run of equal ids.
+        valid: [B, L] bool; padding (False) casts no vote and gets no slot.
         top_p: vote mass the coreset must cover, in (0, 1].
         guard: minimum coreset size, 1 ≤ guard ≤ E (16 in dMoE).
         expert_bias: [E] bias added to the scores for voting and selection only.
@@ -79,8 +132,9 @@ def block_route(
         routed_scaling_factor: multiplies the gates.
 
     Returns:
-        Dispatch with `coreset_mask` [B, P, E] and `block_size` set. A token whose allowed
-        experts number fewer than k (guard < k, or groups) gets only the allowed ones.
+        Dispatch with `coreset_mask` [B, P, E] and `block_index` [L] set (and `block_size` for the
+        default blocks). A token whose allowed experts number fewer than k (guard < k, or groups)
+        gets only the allowed ones.
     """
     scores = check_tensor("scores", scores, ndim=3, floating=True)
     batch, length, num_experts = scores.shape
@@ -88,16 +142,20 @@ def block_route(
     check_int("block_size", block_size, low=1)
     check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
     check_int("guard", guard, low=1, high=num_experts)
+    if valid is not None:
+        check_valid(valid, batch, length, device=scores.device)
+    if block_ids is not None:
+        check_block_ids(block_ids, length, device=scores.device)
     scores = scores.float()
     block_size = min(block_size, length)
+    block_L, num_blocks = block_layout(length, block_size, block_ids, scores.device)
 
     # 1-3. votes and coreset per block
     choice_BLE = scores.detach() if expert_bias is None else scores.detach() + expert_bias.float()
-    coreset_BPE = top_p_coreset(block_votes(choice_BLE, k, block_size), top_p, guard)
+    coreset_BPE = top_p_coreset(normalised_votes(choice_BLE, k, block_L, num_blocks, valid), top_p, guard)
 
     # 4. each token's top-k inside its block's coreset
-    block_of_L = torch.arange(length, device=scores.device) // block_size
-    allowed_NE = coreset_BPE[:, block_of_L].reshape(-1, num_experts)
+    allowed_NE = coreset_BPE[:, block_L].reshape(-1, num_experts)
     scores_NE = scores.reshape(-1, num_experts)
     expert_NK, valid_NK = route_topk_scores(
         scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group, allowed_NE=allowed_NE
@@ -107,6 +165,10 @@ def block_route(
         gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
     if routed_scaling_factor != 1.0:
         gate_NK = gate_NK * routed_scaling_factor
+    num_routed = batch * length
+    if valid is not None:  # padding gets no slot
+        valid_NK = valid_NK & valid.reshape(-1, 1)
+        num_routed = int(valid.sum())
     token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(expert_NK, gate_NK, num_experts, valid_NK=valid_NK)
     return Dispatch(
         token_index=token_S,
@@ -115,11 +177,21 @@ def block_route(
         counts=counts,
         num_tokens=batch * length,
         batch_shape=(batch, length),
-        num_requested_slots=batch * length * k,
+        num_requested_slots=num_routed * k,
         aux_loss=scores.new_zeros(()),
         coreset_mask=coreset_BPE,
-        block_size=block_size,
+        block_size=block_size if block_ids is None else None,
+        block_index=block_L,
+        valid=valid,
     )
 
 
-__all__ = ["block_route", "block_votes", "top_p_coreset"]
+__all__ = [
+    "block_layout",
+    "block_route",
+    "block_votes",
+    "normalised_votes",
+    "sum_by_block",
+    "top_p_coreset",
+    "topk_kept",
+]

@@ -57,9 +57,11 @@ class Dispatch:
         aux_loss:     scalar float32, router losses to add to the objective (0 if none).
         equal_counts: every expert holds the same number of slots (EC): experts may use a
             dense [E, C, D] bmm without reading `counts` back from the device.
-        coreset_mask: [B, n_blocks, E] bool for block routing (the experts a block may use).
-        block_size:   block length of block routing, else None.
+        coreset_mask: [B, P, E] bool for block routing (the experts a block may use).
+        block_size:   block length of block routing with the default blocks, else None.
         requested_counts: [E] int64 slots per expert before capacity dropping (None: = counts).
+        block_index:  [L] int64 in 0..P-1, the routing block of each position (block routing).
+        valid:        [B, L] bool, the tokens that were routed (False = padding); None = all.
     """
 
     token_index: Tensor
@@ -74,6 +76,8 @@ class Dispatch:
     coreset_mask: Tensor | None = field(default=None)
     block_size: int | None = None
     requested_counts: Tensor | None = None
+    block_index: Tensor | None = None
+    valid: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.requested_counts is None:
@@ -105,22 +109,48 @@ class Dispatch:
         """[N] int64, how many experts process each token."""
         return torch.bincount(self.token_index, minlength=self.num_tokens)
 
+    def unique_experts(self, token_mask: Tensor) -> Tensor:
+        """[B] int64: distinct experts used by the slots of the tokens selected by `token_mask` [B, L] bool.
+
+        E.g. the experts a decoding step streams for the still-masked tokens of each row; rows with
+        no selected token give 0.
+        """
+        batch, length = self.batch_shape
+        if token_mask.shape != (batch, length) or token_mask.dtype != torch.bool:
+            raise ValueError(
+                f"token_mask must be a bool tensor of shape {(batch, length)}, "
+                f"got {token_mask.dtype} of shape {tuple(token_mask.shape)}"
+            )
+        keep_S = token_mask.reshape(-1)[self.token_index]
+        used_BE = torch.zeros(batch, self.num_experts, dtype=torch.bool, device=self.token_index.device)
+        used_BE[self.token_index[keep_S] // length, self.expert_index[keep_S]] = True
+        return used_BE.sum(-1)
+
+    def slots_per_row(self) -> Tensor:
+        """[B] int64: slots whose token lies in each row (the row's routed compute)."""
+        batch, length = self.batch_shape
+        return torch.bincount(self.token_index // length, minlength=batch)
+
     def stats(self, block_size: int | None = None) -> RoutingStats:
         """Compute load-balance and coverage statistics (syncs with the device).
 
-        `block_size` (default: the block routing size, if any) adds the mean number of unique
-        experts per block of `block_size` consecutive positions of each sequence — dMoE's metric.
+        Per-token figures count routed (valid) tokens only. `block_size` adds the mean number of
+        unique experts per block of `block_size` consecutive positions of each sequence — dMoE's
+        metric; by default the dispatch's own routing blocks are used, if any.
         """
         with torch.no_grad():
             load = self.counts.float()
             per_token = self.experts_per_token().float()
+            if self.valid is not None:
+                per_token = per_token[self.valid.reshape(-1)]
+                if per_token.numel() == 0:  # nothing routed: report zeros rather than NaN
+                    per_token = per_token.new_zeros(1)
             mean_load = load.mean().clamp_min(1e-12)
             kept = self.num_slots
             requested = max(self.num_requested_slots, 1)
-            bs = block_size if block_size is not None else self.block_size
             per_block = None
-            if bs is not None:
-                per_block = unique_experts_per_block(self, bs).float().mean().item()
+            if block_size is not None or self.block_index is not None or self.block_size is not None:
+                per_block = _mean_over_routed_blocks(self, block_size)
             return RoutingStats(
                 load=load.tolist(),
                 load_max_over_mean=(load.max() / mean_load).item(),
@@ -134,18 +164,47 @@ class Dispatch:
             )
 
 
-def unique_experts_per_block(dispatch: Dispatch, block_size: int) -> Tensor:
-    """[B, n_blocks] int64: distinct experts used by the tokens of each block of each sequence.
+def _mean_over_routed_blocks(dispatch: Dispatch, block_size: int | None) -> float:
+    """Mean of `unique_experts_per_block` over the (row, block) pairs that hold a routed token."""
+    per_block_BP = unique_experts_per_block(dispatch, block_size).float()
+    if dispatch.valid is None:
+        return per_block_BP.mean().item()
+    block_L, num_blocks = _blocks_of(dispatch, block_size)
+    batch, _ = dispatch.batch_shape
+    routed_BP = torch.zeros(batch, num_blocks, dtype=torch.int64, device=block_L.device)
+    routed_BP.index_add_(1, block_L, dispatch.valid.long())
+    per_block = per_block_BP[routed_BP > 0]
+    return per_block.mean().item() if per_block.numel() else 0.0
 
-    Blocks are consecutive runs of `block_size` positions (the last one may be shorter).
-    """
-    if block_size <= 0:
+
+def _blocks_of(dispatch: Dispatch, block_size: int | None) -> tuple[Tensor, int]:
+    """([L] block of each position, number of blocks): `block_size` runs, else the dispatch's blocks."""
+    _, length = dispatch.batch_shape
+    device = dispatch.counts.device
+    if block_size is None and dispatch.block_index is not None:
+        mask = dispatch.coreset_mask
+        num_blocks = mask.shape[1] if mask is not None else int(dispatch.block_index.max()) + 1
+        return dispatch.block_index, num_blocks
+    if block_size is None:
+        block_size = dispatch.block_size
+    if block_size is None:
+        raise ValueError("block_size is required: this dispatch has no routing blocks")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return torch.arange(length, device=device) // block_size, -(-length // block_size)
+
+
+def unique_experts_per_block(dispatch: Dispatch, block_size: int | None = None) -> Tensor:
+    """[B, P] int64: distinct experts used by the tokens of each block of each sequence.
+
+    With `block_size`, blocks are consecutive runs of `block_size` positions (the last one may be
+    shorter); without it, the dispatch's own routing blocks (`block_index`, block routing).
+    """
+    block_L, num_blocks = _blocks_of(dispatch, block_size)
     batch, length = dispatch.batch_shape
-    num_blocks = -(-length // block_size)
     num_experts = dispatch.num_experts
     b = dispatch.token_index // length
-    blk = (dispatch.token_index % length) // block_size
+    blk = block_L[dispatch.token_index % length]
     used = torch.zeros(batch * num_blocks * num_experts, dtype=torch.bool, device=dispatch.counts.device)
     used[(b * num_blocks + blk) * num_experts + dispatch.expert_index] = True
     return used.view(batch, num_blocks, num_experts).sum(-1)

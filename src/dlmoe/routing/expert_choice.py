@@ -8,6 +8,9 @@ Per-sample capacity: with k given per sequence (from the mask ratio, see `schedu
 C_b = max(⌊L·k_b/E⌋, 1). The batch runs one top-k with max_b C_b and keeps slots j < C_b;
 every expert still holds Σ_b C_b slots, so the expert compute stays a dense bmm.
 
+Padding (`valid` False, a sampler's left-padded batch) is never chosen, and capacities count
+valid tokens only, C_b = min(max(⌊n_b·k_b/E⌋, 1), n_b): a row routes the same padded or alone.
+
 Letters: B batch, L length, N = B·L tokens, E experts, C capacity, S slots.
 """
 
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dlmoe._checks import check_choice, check_float, check_int, check_tensor
+from dlmoe.routing.context import check_valid
 from dlmoe.routing.dispatch import Dispatch
 from dlmoe.routing.token_choice import check_logits, z_loss
 
@@ -35,16 +39,21 @@ def _check_k(k: int | Tensor, batch: int, num_experts: int) -> int | Tensor:
     return check_int("k", k, low=1, high=num_experts)
 
 
-def ec_capacities(k: int | Tensor, batch: int, length: int, num_experts: int, pool: str) -> tuple[Tensor, int]:
+def ec_capacities(
+    k: int | Tensor, batch: int, length: int, num_experts: int, pool: str, valid: Tensor | None = None
+) -> tuple[Tensor, int]:
     """Capacity of each pool and the largest one.
 
+    C_p = min(max(⌊n_p·k/E⌋, 1), n_p) with n_p the valid tokens of the pool (0 for an empty pool);
+    "sequence": one pool per row with its own k_b; "batch": one pool, n·k summed over the rows.
     Returns (capacity_P int64, max capacity) with P = B pools for "sequence" and P = 1 for "batch".
     """
     k_B = torch.as_tensor(k, dtype=torch.int64).expand(batch) if not isinstance(k, Tensor) else k.long()
-    if pool == "sequence":
-        cap = torch.clamp(length * k_B // num_experts, min=1)
-    else:  # one pool of all N tokens; per-sample k adds up to the pool's budget
-        cap = torch.clamp(length * k_B.sum(0, keepdim=True) // num_experts, min=1)
+    n_B = torch.full_like(k_B, length) if valid is None else valid.sum(1).to(k_B.device)
+    budget_B = n_B * k_B
+    if pool == "batch":  # one pool of all N tokens; per-sample k adds up to the pool's budget
+        n_B, budget_B = n_B.sum(0, keepdim=True), budget_B.sum(0, keepdim=True)
+    cap = torch.minimum(torch.clamp(budget_B // num_experts, min=1), n_B)
     return cap, int(cap.max())
 
 
@@ -56,6 +65,7 @@ def expert_choice(
     select: str = "logit",
     gate: str = "restricted",
     z_loss_coef: float = 0.0,
+    valid: Tensor | None = None,
 ) -> Dispatch:
     """Expert-choice routing on router logits.
 
@@ -70,6 +80,8 @@ def expert_choice(
         gate: "restricted" = softmax of l_t over the experts that chose t (EC-DLM; a chosen
             token's gates sum to 1); "full" = the full softmax score softmax(l_t)_e (Zhou et al.).
         z_loss_coef: weight of the router z-loss.
+        valid: [B, L] bool; padding (False) is never chosen and the capacities count valid
+            tokens only: C_b = min(max(⌊n_b·k_b/E⌋, 1), n_b) for n_b valid tokens (0 if none).
 
     Returns:
         Dispatch with every expert holding the same number of slots (`equal_counts=True`).
@@ -82,42 +94,35 @@ def expert_choice(
     check_choice("select", select, SELECT)
     check_choice("gate", gate, GATES)
     check_float("z_loss_coef", z_loss_coef, low=0.0)
+    if valid is not None:
+        check_valid(valid, batch, length, device=logits.device)
     logits = logits.float()
     num_tokens = batch * length
 
-    # 1. each expert ranks the tokens of its pool; pools are rows of rank_PEL
+    # 1. each expert ranks the tokens of its pool (padding last: never within capacity); [P, E, pool_len]
     rank_BLE = logits.detach() if select == "logit" else torch.softmax(logits.detach(), dim=-1)
+    if valid is not None:
+        rank_BLE = rank_BLE.masked_fill(~valid.unsqueeze(-1), float("-inf"))
     pool_len = length if pool == "sequence" else num_tokens
     rank_PEL = rank_BLE.reshape(-1, pool_len, num_experts).transpose(1, 2)  # [P, E, pool_len]
-    capacity_P, max_cap = ec_capacities(k, batch, length, num_experts, pool)
-    max_cap = min(max_cap, pool_len)
+    capacity_P, max_cap = ec_capacities(k, batch, length, num_experts, pool, valid)
     pos_PEC = rank_PEL.topk(max_cap, dim=-1, sorted=True).indices
 
     # 2. expert-major slots: [E, P, C] flattened; drop slots beyond a pool's own capacity
     pool_offset_P = torch.arange(pos_PEC.shape[0], device=logits.device) * pool_len
     token_EPC = (pos_PEC + pool_offset_P[:, None, None]).permute(1, 0, 2)
-    if bool((capacity_P.clamp(max=pool_len) == max_cap).all()):
+    if bool((capacity_P == max_cap).all()):
         token_S = token_EPC.reshape(-1)
         per_expert = pos_PEC.shape[0] * max_cap
     else:
-        keep_PC = torch.arange(max_cap, device=logits.device) < capacity_P.clamp(max=pool_len)[:, None]
+        keep_PC = torch.arange(max_cap, device=logits.device) < capacity_P[:, None]
         token_S = token_EPC[keep_PC.unsqueeze(0).expand_as(token_EPC)]
         per_expert = int(keep_PC.sum())
     expert_S = torch.arange(num_experts, device=logits.device).repeat_interleave(per_expert)
 
     # 3. gates: softmax over the experts that chose each token (or the full softmax)
     logits_NE = logits.reshape(num_tokens, num_experts)
-    if gate == "restricted":
-        chosen_NE = torch.zeros_like(logits_NE, dtype=torch.bool)
-        chosen_NE[token_S, expert_S] = True
-        gates_NE = torch.softmax(logits_NE.masked_fill(~chosen_NE, _MASKED), dim=-1)
-    else:
-        gates_NE = torch.softmax(logits_NE, dim=-1)
-    gate_S = gates_NE[token_S, expert_S]
-
-    aux = logits.new_zeros(())
-    if z_loss_coef > 0:
-        aux = aux + z_loss_coef * z_loss(logits_NE)
+    gate_S = ec_gates(logits_NE, token_S, expert_S, gate)
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
@@ -126,6 +131,28 @@ def expert_choice(
         num_tokens=num_tokens,
         batch_shape=(batch, length),
         num_requested_slots=num_experts * per_expert,
-        aux_loss=aux,
+        aux_loss=ec_z_loss(logits_NE, z_loss_coef, valid),
         equal_counts=True,
+        valid=valid,
     )
+
+
+def ec_z_loss(logits_NE: Tensor, z_loss_coef: float, valid: Tensor | None) -> Tensor:
+    """z_loss_coef · z-loss over the valid tokens (0 when the coefficient is 0 or nothing is valid)."""
+    aux = logits_NE.new_zeros(())
+    if z_loss_coef > 0:
+        routed_NE = logits_NE if valid is None else logits_NE[valid.reshape(-1)]
+        if routed_NE.shape[0] > 0:
+            aux = aux + z_loss_coef * z_loss(routed_NE)
+    return aux
+
+
+def ec_gates(logits_NE: Tensor, token_S: Tensor, expert_S: Tensor, gate: str) -> Tensor:
+    """[S] gates: softmax over the experts that chose each token ("restricted") or the full softmax."""
+    if gate == "restricted":
+        chosen_NE = torch.zeros_like(logits_NE, dtype=torch.bool)
+        chosen_NE[token_S, expert_S] = True
+        gates_NE = torch.softmax(logits_NE.masked_fill(~chosen_NE, _MASKED), dim=-1)
+    else:
+        gates_NE = torch.softmax(logits_NE, dim=-1)
+    return gates_NE[token_S, expert_S]

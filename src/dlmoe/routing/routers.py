@@ -1,7 +1,8 @@
 """Router modules: own W_r ∈ R^{E×D}, compute fp32 logits, call the functional routers.
 
 The modules add only what needs state: the weight, the loss-free expert bias and its per-step
-update, and the mask ratio → capacity schedule of expert choice.
+update, and the mask ratio → capacity schedule of expert choice. A `RoutingContext` carries what
+changes per forward (padding, decoding blocks, block routing, an inference EC capacity).
 
 Letters: B batch, L length, D model width, E experts.
 """
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 
 from dlmoe._checks import check_tensor
 from dlmoe.routing.block import block_route
+from dlmoe.routing.block_expert_choice import block_expert_choice
+from dlmoe.routing.context import RoutingContext
 from dlmoe.routing.dispatch import Dispatch
 from dlmoe.routing.expert_choice import expert_choice
 from dlmoe.routing.schedules import dynamic_k
@@ -37,6 +40,8 @@ class Router(nn.Module):
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, dim))
         nn.init.normal_(self.weight, std=0.02)
+        # block routing; an attribute, so a built router may be switched to block routing at inference
+        self.block: BlockRoutingConfig | None = config.block
 
     def logits(self, x_BLD: Tensor) -> Tensor:
         """[B, L, E] float32 router logits."""
@@ -44,8 +49,26 @@ class Router(nn.Module):
             return F.linear(x_BLD.float(), self.weight.float())
 
     @abstractmethod
-    def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> Dispatch:
-        """Route x [B, L, D] (with the per-sample mask ratio [B] where the router uses it)."""
+    def forward(
+        self, x_BLD: Tensor, mask_ratio: Tensor | None = None, context: RoutingContext | None = None
+    ) -> Dispatch:
+        """Route x [B, L, D] (with the per-sample mask ratio [B] where the router uses it).
+
+        `context` (padding, blocks, block routing, EC capacity) overrides the config for this
+        forward only; None routes exactly as the config says.
+        """
+
+    def _context(self, x_BLD: Tensor, context: RoutingContext | None) -> RoutingContext:
+        """The context checked against x (an empty one for None)."""
+        if context is None:
+            return RoutingContext()
+        if not isinstance(context, RoutingContext):
+            raise ValueError(f"context must be a RoutingContext or None, got {type(context).__name__}")
+        return context.check(x_BLD.shape[0], x_BLD.shape[1], x_BLD.device)
+
+    def _block(self, context: RoutingContext) -> BlockRoutingConfig | None:
+        """Block routing of this forward: the context's, else the router's own (`self.block`)."""
+        return context.block if context.block is not None else self.block
 
 
 class TokenChoiceRouter(Router):
@@ -58,24 +81,34 @@ class TokenChoiceRouter(Router):
 
     def __init__(self, config: RouterConfig, dim: int) -> None:
         super().__init__(config, dim)
-        self.block: BlockRoutingConfig | None = config.block
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
             self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
         else:
             self.expert_bias = None
 
-    def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> Dispatch:
+    def forward(
+        self, x_BLD: Tensor, mask_ratio: Tensor | None = None, context: RoutingContext | None = None
+    ) -> Dispatch:
         c = self.config
+        ctx = self._context(x_BLD, context)
+        if ctx.experts_per_token is not None:
+            raise ValueError(
+                "context.experts_per_token sets an expert-choice capacity; this router is token choice "
+                f"(k = num_experts_per_tok = {c.num_experts_per_tok} per token): leave it None"
+            )
         logits_BLE = self.logits(x_BLD)
         bias = self.expert_bias
-        if self.block is not None:
+        block = self._block(ctx)
+        if block is not None:
             dispatch = block_route(
                 router_scores(logits_BLE, c.score),
                 c.num_experts_per_tok,
-                block_size=self.block.block_size,
-                top_p=self.block.top_p,
-                guard=self.block.guard,
+                block_size=block.block_size,
+                block_ids=ctx.block_ids,
+                valid=ctx.valid,
+                top_p=block.top_p,
+                guard=block.guard,
                 expert_bias=bias,
                 n_group=c.n_group,
                 topk_group=c.topk_group,
@@ -95,9 +128,10 @@ class TokenChoiceRouter(Router):
                 routed_scaling_factor=c.routed_scaling_factor,
                 aux_loss_coef=c.aux_loss_coef if self.training else 0.0,
                 z_loss_coef=c.z_loss_coef if self.training else 0.0,
+                valid=ctx.valid,
             )
         if bias is not None and self.training:
-            # counts before any capacity drop, as in loss-free balancing
+            # counts of the valid tokens before any capacity drop, as in loss-free balancing
             self.tokens_per_expert += dispatch.requested_counts.float()
         return dispatch
 
@@ -114,11 +148,27 @@ class TokenChoiceRouter(Router):
 
 
 class ExpertChoiceRouter(Router):
-    """Expert choice with a static k, or a per-sample k from the mask ratio (capacity schedule)."""
+    """Expert choice with a static k, or a per-sample k from the mask ratio (capacity schedule).
 
-    def experts_per_token(self, mask_ratio: Tensor | None, batch: int) -> int | Tensor:
-        """Static k, or [B] int64 k_b = dynamic_k(mask_ratio) when a schedule is configured."""
+    With block routing (the context's or the router's `block`), EC runs inside each block's voted
+    coreset (`block_expert_choice`; the blocks replace `pool`). `context.experts_per_token`
+    overrides k for one forward.
+    """
+
+    def experts_per_token(
+        self, mask_ratio: Tensor | None, batch: int, context: RoutingContext | None = None
+    ) -> int | Tensor:
+        """k of this forward: the context's [B] override, else dynamic_k(mask_ratio) [B] with a
+        capacity schedule, else the static k."""
         c = self.config
+        if context is not None and context.experts_per_token is not None:
+            k_B = context.experts_per_token
+            if bool(((k_B < 1) | (k_B > c.num_experts)).any()):
+                raise ValueError(
+                    f"context.experts_per_token must lie in [1, {c.num_experts}] (num_experts) for every row, "
+                    f"got {k_B.tolist()}"
+                )
+            return k_B.long()
         if c.capacity_schedule is None:
             return c.num_experts_per_tok
         if mask_ratio is None:
@@ -131,16 +181,35 @@ class ExpertChoiceRouter(Router):
             mask_ratio.device
         )
 
-    def forward(self, x_BLD: Tensor, mask_ratio: Tensor | None = None) -> Dispatch:
+    def forward(
+        self, x_BLD: Tensor, mask_ratio: Tensor | None = None, context: RoutingContext | None = None
+    ) -> Dispatch:
         c = self.config
-        k = self.experts_per_token(mask_ratio, x_BLD.shape[0])
+        ctx = self._context(x_BLD, context)
+        k = self.experts_per_token(mask_ratio, x_BLD.shape[0], ctx)
+        z_loss_coef = c.z_loss_coef if self.training else 0.0
+        block = self._block(ctx)
+        if block is not None:
+            return block_expert_choice(
+                self.logits(x_BLD),
+                k,
+                block_size=block.block_size,
+                block_ids=ctx.block_ids,
+                valid=ctx.valid,
+                top_p=block.top_p,
+                guard=block.guard,
+                select=c.select,
+                gate=c.gate,
+                z_loss_coef=z_loss_coef,
+            )
         return expert_choice(
             self.logits(x_BLD),
             k,
             pool=c.pool,
             select=c.select,
             gate=c.gate,
-            z_loss_coef=c.z_loss_coef if self.training else 0.0,
+            z_loss_coef=z_loss_coef,
+            valid=ctx.valid,
         )
 
 

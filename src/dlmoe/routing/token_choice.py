@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from dlmoe._checks import check_choice, check_float, check_int, check_tensor
+from dlmoe.routing.context import check_valid
 from dlmoe.routing.dispatch import Dispatch, sorted_dispatch_from_topk
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -113,6 +114,7 @@ def token_choice(
     routed_scaling_factor: float = 1.0,
     aux_loss_coef: float = 0.0,
     z_loss_coef: float = 0.0,
+    valid: Tensor | None = None,
 ) -> Dispatch:
     """Token-choice top-k routing on router logits.
 
@@ -128,6 +130,8 @@ def token_choice(
         n_group, topk_group: group-limited top-k (tokens pick experts from their best groups).
         routed_scaling_factor: multiplies the gates (LLaDA2 / DeepSeek-V3 use 2.5).
         aux_loss_coef, z_loss_coef: weights of the Switch aux loss and the router z-loss.
+        valid: [B, L] bool; padding (False) gets no slot and is left out of the capacity (N counts
+            valid tokens), the losses and `requested_counts`.
 
     Returns:
         Dispatch with slots sorted by expert; `aux_loss` holds the weighted router losses.
@@ -137,8 +141,12 @@ def token_choice(
     _check_tc_args(num_experts, k, capacity_factor, expert_bias, n_group, topk_group, routed_scaling_factor)
     check_float("aux_loss_coef", aux_loss_coef, low=0.0)
     check_float("z_loss_coef", z_loss_coef, low=0.0)
+    if valid is not None:
+        check_valid(valid, batch, length, device=logits.device)
     logits_NE = logits.reshape(-1, num_experts).float()
     num_tokens = logits_NE.shape[0]
+    valid_N = None if valid is None else valid.reshape(-1)
+    num_routed = num_tokens if valid_N is None else int(valid_N.sum())
 
     # 1. scores; experts picked on the (possibly biased, group-limited) scores
     scores_NE = router_scores(logits_NE, score)
@@ -151,21 +159,28 @@ def token_choice(
     if routed_scaling_factor != 1.0:
         gate_NK = gate_NK * routed_scaling_factor
 
-    # 3. router losses, from counts before any drop
-    tokens_per_expert = torch.bincount(expert_NK.reshape(-1), minlength=num_experts)
+    # 3. router losses over the routed tokens, from counts before any drop
+    routed_NK = expert_NK if valid_N is None else expert_NK[valid_N]
+    tokens_per_expert = torch.bincount(routed_NK.reshape(-1), minlength=num_experts)
     aux = logits_NE.new_zeros(())
-    if aux_loss_coef > 0:
-        probs_NE = scores_NE if score == "softmax" else scores_NE / scores_NE.sum(-1, keepdim=True)
-        aux = aux + aux_loss_coef * switch_aux_loss(probs_NE, tokens_per_expert, k)
-    if z_loss_coef > 0:
-        aux = aux + z_loss_coef * z_loss(logits_NE)
+    if num_routed > 0 and (aux_loss_coef > 0 or z_loss_coef > 0):
+        routed_logits_NE, probs_NE = logits_NE, scores_NE
+        if valid_N is not None:
+            routed_logits_NE, probs_NE = logits_NE[valid_N], scores_NE[valid_N]
+        if aux_loss_coef > 0:
+            probs_NE = probs_NE if score == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True)
+            aux = aux + aux_loss_coef * switch_aux_loss(probs_NE, tokens_per_expert, k)
+        if z_loss_coef > 0:
+            aux = aux + z_loss_coef * z_loss(routed_logits_NE)
 
-    # 4. slots sorted by expert, with capacity dropping
-    valid_NK = None
+    # 4. slots sorted by expert, with capacity dropping; padding takes no slot and no capacity
+    keep_NK = None if valid_N is None else valid_N.unsqueeze(1).expand_as(expert_NK)
     if capacity_factor is not None:
-        capacity = math.ceil(num_tokens * k / num_experts * capacity_factor)
-        valid_NK = _keep_top_capacity(expert_NK, gate_NK.detach(), num_experts, capacity)
-    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(expert_NK, gate_NK, num_experts, valid_NK=valid_NK)
+        capacity = math.ceil(num_routed * k / num_experts * capacity_factor)
+        rank_NK = gate_NK.detach() if keep_NK is None else gate_NK.detach().masked_fill(~keep_NK, float("-inf"))
+        fits_NK = _keep_top_capacity(expert_NK, rank_NK, num_experts, capacity)
+        keep_NK = fits_NK if keep_NK is None else fits_NK & keep_NK
+    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(expert_NK, gate_NK, num_experts, valid_NK=keep_NK)
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
@@ -173,10 +188,11 @@ def token_choice(
         counts=counts,
         num_tokens=num_tokens,
         batch_shape=(batch, length),
-        num_requested_slots=num_tokens * k,
+        num_requested_slots=num_routed * k,
         aux_loss=aux,
         equal_counts=False,
         requested_counts=tokens_per_expert,
+        valid=valid,
     )
 
 

@@ -1,11 +1,13 @@
 """Corpus → tokenizer → cached token splits → batch iterators for a run.
 
-The tokenizer is trained once per run folder (`<run_dir>/tokenizer`) and reused on resume;
-token caches live in `data.cache_dir` (default `<run_dir>/../.cache`) and are shared by runs.
+The tokenizer is trained once per run folder (`<run_dir>/tokenizer`), or copied from the run a
+fine-tune starts from, and reused on resume; token caches live in `data.cache_dir` (default
+`<run_dir>/../.cache`) and are shared by runs.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +29,14 @@ class RunData:
     bytes_per_token: float  # UTF-8 bytes per token on the validation batches (for bits per byte)
 
 
-def prepare_data(config: RunConfig, run_dir: Path) -> RunData:
+def prepare_data(config: RunConfig, run_dir: Path, *, tokenizer_from: Path | None = None) -> RunData:
+    """`tokenizer_from`: a tokenizer folder to copy when the run has none yet (instead of training one)."""
     data, train = config.data, config.train
     corpus = resolve_corpus(data.corpus)  # fails before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = run_dir / "tokenizer"
+    if tokenizer_from is not None and not (tokenizer_dir / "tokenizer.json").exists():
+        _copy_tokenizer(tokenizer_from, tokenizer_dir)
     if (tokenizer_dir / "tokenizer.json").exists():
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
@@ -54,3 +59,10 @@ def prepare_data(config: RunConfig, run_dir: Path) -> RunData:
     ]
     text_bytes = sum(len(tokenizer.decode(r.tolist()).encode("utf-8")) for r in rows)
     return RunData(tokenizer, special_ids(tokenizer), train_batches, validation, text_bytes / rows.size)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    """Copy a (flat) tokenizer folder; tokenizer.json last, since its presence marks a complete copy."""
+    target.mkdir(parents=True, exist_ok=True)
+    for file in sorted((f for f in source.iterdir() if f.is_file()), key=lambda f: f.name == "tokenizer.json"):
+        shutil.copyfile(file, target / file.name)

@@ -1,13 +1,15 @@
 """The training loop: owns optimizer, LR schedule, precision, checkpoints and logging.
 
 One optimizer step:
-  1. for each of `grad_accum` micro-batches: noise (t_b, mask) → forward (mask ratio to routers)
-     → ELBO loss + router aux/z losses → backward;
+  1. for each of `grad_accum` micro-batches: noise (t_b ~ U[mask_ratio_min, mask_ratio_max], mask)
+     → forward (mask ratio to routers) → loss (ELBO / stable / masked_mean) + router aux/z losses
+     → backward;
   2. clip gradients, AdamW step, LR schedule step;
   3. loss-free expert-bias update (once per optimizer step);
   4. log, evaluate, checkpoint on their intervals.
 Noise comes from a dedicated generator saved with the checkpoint, so a resumed run repeats the
-uninterrupted run's losses exactly.
+uninterrupted run's losses exactly. `train.init_from` starts a run from a finished run's weights and
+tokenizer (fine-tuning; see `init_from.py`); validation always reports the ELBO over t ~ U(0, 1).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dlmoe.train.checkpoint import (
     save_checkpoint,
 )
 from dlmoe.train.data_setup import RunData, prepare_data
+from dlmoe.train.init_from import SourceRun
 from dlmoe.train.metrics import MetricsLog, plot_losses, routing_summary
 from dlmoe.train.schedule import build_lr_schedule
 
@@ -69,7 +72,9 @@ class TrainSummary:
 
 
 class Trainer:
-    """Train a MoE diffusion LM from a `RunConfig`; `resume=True` continues from the latest checkpoint."""
+    """Train a MoE diffusion LM from a `RunConfig`; `resume=True` continues from the latest checkpoint.
+
+    With `train.init_from` (and no checkpoint to resume) the model starts from that run's weights."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
         self.run_dir = Path(config.run_dir)
@@ -80,7 +85,12 @@ class Trainer:
         self.checkpoint = self._resume_point(resume)
         self.device = resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
-        self.data: RunData = prepare_data(config, self.run_dir)
+        source = None
+        if config.train.init_from is not None and self.checkpoint is None:
+            source = SourceRun.open(config.train.init_from)
+            source.check_target(config, self.run_dir)  # before anything is written
+        tokenizer_from = source.tokenizer_dir if source is not None else None
+        self.data: RunData = prepare_data(config, self.run_dir, tokenizer_from=tokenizer_from)
         mask_id, eos_id, pad_id = self.data.special_ids
         model_config = replace(
             config.model, vocab_size=len(self.data.tokenizer), mask_id=mask_id, eos_id=eos_id, pad_id=pad_id
@@ -88,6 +98,8 @@ class Trainer:
         self.config = replace(config, model=model_config)
         save_run_config(self.config, self.run_dir / "config.json")
         self.model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config)).to(self.device)
+        if source is not None:
+            source.load_weights(self.model)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_lr_schedule(self.optimizer, self.config.train)
         self.noise_generator = torch.Generator().manual_seed(config.train.seed + 1)
@@ -139,12 +151,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.dtype == "bf16")
 
     def _loss(
-        self, batch: torch.Tensor, generator: torch.Generator, weighting: str | None = None
+        self, batch: torch.Tensor, generator: torch.Generator, weighting: str | None = None, *, validation: bool = False
     ) -> tuple[DiffusionLoss, torch.Tensor, list, NoisedBatch]:
-        """(diffusion loss, router aux loss, dispatches, the noised batch) of one batch."""
+        """(diffusion loss, router aux loss, dispatches, the noised batch) of one batch.
+
+        Training noise uses the configured t range; `validation` uses U(0, 1), what the ELBO integrates over."""
+        train = self.config.train
+        t_min, t_max = (0.0, 1.0) if validation else (train.mask_ratio_min, train.mask_ratio_max)
         # noise is drawn on the CPU from a checkpointed generator: identical on every device
         noised = add_mask_noise(
-            batch, self.config.model.mask_id, antithetic=self.config.train.antithetic, generator=generator
+            batch, self.config.model.mask_id, antithetic=train.antithetic, generator=generator, t_min=t_min, t_max=t_max
         )
         dev = self.device
         with self._autocast():
@@ -210,7 +226,7 @@ class Trainer:
             torch.zeros(NUM_BINS, dtype=torch.float64),
         )
         for batch in self.data.validation_batches:
-            diff, _, _, noised = self._loss(batch, generator, weighting="elbo")
+            diff, _, _, noised = self._loss(batch, generator, weighting="elbo", validation=True)
             losses.append(diff.loss.item())
             bin_ce, bin_n = loss_by_mask_ratio_bin(diff.token_ce.cpu(), noised.masked, noised.mask_ratio, NUM_BINS)
             ce_sum, count = ce_sum + bin_ce, count + bin_n

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dlmoe.diffusion.sampler import (
+from dlmoe.sampling import (
     GenerationResult,
     StepInfo,
     commit_schedule,
@@ -97,7 +97,7 @@ def test_select_commits_takes_top_quota_of_candidates_per_row() -> None:
 
 def test_finished_at_eos_needs_no_mask_before_the_first_eos() -> None:
     x = torch.tensor([[1, 2, EOS, MASK], [1, MASK, EOS, 3], [1, 2, 3, 4], [1, EOS, MASK, EOS]])
-    assert finished_at_eos(x, 1, mask_id=MASK, eos_id=EOS).tolist() == [True, False, False, True]
+    assert finished_at_eos(x[:, 1:], mask_id=MASK, eos_id=EOS).tolist() == [True, False, False, True]
 
 
 # ----------------------------------------------------------------------------- generate
@@ -169,11 +169,11 @@ def test_batch_equals_single_rows() -> None:
         assert torch.equal(batched[b : b + 1], generate(model, prompt[b : b + 1], **kwargs).tokens)
 
 
-def test_empty_prompt_is_unconditional_generation() -> None:
-    result = generate(
-        TableModel(), torch.zeros(2, 0, dtype=torch.long), gen_length=6, block_length=3, steps=6, mask_id=MASK
-    )
-    assert result.tokens.shape == (2, 6) and not (result.tokens == MASK).any()
+def test_empty_prompt_is_refused_with_a_hint() -> None:
+    with pytest.raises(ValueError, match="prompt row 0 is empty; give at least one token"):
+        generate(TableModel(), torch.zeros(2, 0, dtype=torch.long), gen_length=6, block_length=3, steps=6, mask_id=MASK)
+    with pytest.raises(ValueError, match="prompt row 1 is empty"):
+        generate(TableModel(), [[1], []], gen_length=6, block_length=3, steps=6, mask_id=MASK)
 
 
 def test_model_output_with_logits_attribute_and_int32_prompt() -> None:
@@ -309,7 +309,10 @@ def test_bad_arguments_raise(overrides, match) -> None:
         (torch.ones(2, 3, dtype=torch.bool), "integer tensor"),
         (torch.zeros(0, 3, dtype=torch.long), "at least one row"),
         (torch.tensor([[1, 2], [3, MASK]]), "must not contain mask_id=10, found at row 1, position 1"),
-        ([[1, 2]], "torch.Tensor"),
+        ("abc", "non-empty list of token-id lists"),
+        ([], "non-empty list of token-id lists"),
+        ([[1, 2.5]], "prompt row 0 must be a list of int token ids"),
+        ([torch.ones(2, 2, dtype=torch.long)], "prompt row 0 must be a 1-D integer tensor"),
     ],
 )
 def test_bad_prompt_raises(prompt, match) -> None:

@@ -1,0 +1,127 @@
+"""`dlmoe sample`: generate from a trained run with any sampler of `dlmoe.sampling`.
+
+Prints one JSON line per generated text, then one `{"stats": ...}` line (forwards, unique experts
+per layer per forward, active FLOPs per generated token, tokens/s). The progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dlmoe._checks import check_float
+from dlmoe.config import BlockRoutingConfig
+from dlmoe.sampling import CACHE_MODES, CapacityPolicy
+
+
+def parse_options(text: str, option: str, fields: dict[str, type]) -> dict[str, object]:
+    """'a=1,b=0.5' → {'a': 1, 'b': 0.5} with the allowed `fields` and their types; clear errors."""
+    values: dict[str, object] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ValueError(f"{option} takes key=value pairs separated by commas, got {text!r}")
+        if key not in fields:
+            raise ValueError(f"{option}: unknown key {key!r}; allowed: {sorted(fields)}")
+        try:
+            values[key] = fields[key](raw)
+        except ValueError:
+            raise ValueError(f"{option}: {key} must be a {fields[key].__name__}, got {raw!r}") from None
+    return values
+
+
+def block_routing_option(text: str | None) -> BlockRoutingConfig | None:
+    if text is None:
+        return None
+    return BlockRoutingConfig(**parse_options(text, "--block-routing", {"top_p": float, "guard": int}))
+
+
+def capacity_option(text: str | None) -> CapacityPolicy | None:
+    if text is None:
+        return None
+    fields = {"schedule": str, "k_min": int, "k_max": int, "sigma": float}
+    values = parse_options(text, "--capacity", fields)
+    missing = [k for k in ("schedule", "k_min", "k_max") if k not in values]
+    if missing:
+        raise ValueError(
+            "--capacity needs schedule, k_min and k_max (e.g. schedule=linear_reverse,k_min=2,k_max=6); "
+            f"missing {missing}"
+        )
+    return CapacityPolicy(**values)
+
+
+def read_batch_file(path: str) -> list[str]:
+    """One prompt per line; blank lines are refused (a common copy-paste slip), as is an empty file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"--batch-file {str(file)!r} does not exist or is not a file")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise ValueError(f"--batch-file {str(file)!r} has blank lines at {blank[:10]}; one prompt per line")
+    if not lines:
+        raise ValueError(f"--batch-file {str(file)!r} is empty")
+    return lines
+
+
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained run (LLaDA / Fast-dLLM samplers, dMoE routing)")
+    p.add_argument("--run", required=True)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt")
+    source.add_argument("--batch-file", dest="batch_file", help="text file, one prompt per line (batched, left-padded)")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="samples per prompt")
+    p.add_argument("--gen-length", dest="gen_length", type=int)
+    p.add_argument("--block-length", dest="block_length", type=int)
+    p.add_argument("--steps", type=int, help="forwards over the generation (ignored with --threshold)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--remasking", choices=["low_confidence", "random"])
+    p.add_argument("--threshold", type=float, help="Fast-dLLM parallel decoding: commit every token with p >= τ")
+    p.add_argument("--cache", choices=CACHE_MODES, default="none", help="KV cache (exact needs a block-causal model)")
+    p.add_argument("--cfg", dest="cfg_scale", type=float, default=0.0, help="classifier-free guidance scale")
+    p.add_argument("--block-routing", dest="block_routing", metavar="top_p=0.6,guard=16", help="dMoE block routing")
+    p.add_argument(
+        "--capacity", metavar="schedule=linear_reverse,k_min=2,k_max=6", help="expert-choice capacity over the steps"
+    )
+    p.add_argument("--stop-at-eos", dest="stop_at_eos", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="no_progress", action="store_true")
+    p.set_defaults(func=sample)
+
+
+def sample(args: argparse.Namespace) -> None:
+    """Generate from a trained run; all input is checked before the model runs."""
+    from dlmoe.config import SampleConfig
+    from dlmoe.inference import read_run_config, sample_text
+
+    block_routing = block_routing_option(args.block_routing)
+    capacity = capacity_option(args.capacity)
+    if args.threshold is not None:
+        check_float("--threshold", args.threshold, low=0.0, high=1.0, low_open=True)
+    check_float("--cfg", args.cfg_scale, low=0.0)
+    prompts = read_batch_file(args.batch_file) if args.batch_file else None
+    base = read_run_config(args.run).sample
+    fields = {k: v for k, v in vars(args).items() if k in SampleConfig.__dataclass_fields__ and v is not None}
+    if prompts is not None and args.num_samples is None:
+        fields["num_samples"] = 1
+    output = sample_text(
+        args.run,
+        SampleConfig(**(base.__dict__ | fields)),
+        prompts=prompts,
+        seed=args.seed,
+        threshold=args.threshold,
+        cache=args.cache,
+        cfg_scale=args.cfg_scale,
+        block_routing=block_routing,
+        capacity=capacity,
+        stop_at_eos=args.stop_at_eos,
+        progress=not args.no_progress,
+    )
+    for prompt, text in zip(output.prompts, output.texts, strict=True):
+        print(json.dumps({"prompt": prompt, "text": text}))
+    stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in output.stats.as_dict().items()}
+    if stats["unique_experts_by_layer"] is not None:
+        stats["unique_experts_by_layer"] = [round(v, 2) for v in stats["unique_experts_by_layer"]]
+    print(json.dumps({"stats": stats}))

@@ -1,0 +1,32 @@
+"""Sampling from masked diffusion LMs: LLaDA blocks, Fast-dLLM threshold and KV caches, CFG,
+left-padded batches, dMoE block routing and expert-choice capacity policies at inference."""
+
+from dlmoe.sampling.canvas import Canvas, build_canvas
+from dlmoe.sampling.denoiser import CACHE_MODES, CapacityPolicy
+from dlmoe.sampling.generate import GenerationResult, StepInfo, generate
+from dlmoe.sampling.rules import (
+    REMASKING_RULES,
+    commit_schedule,
+    finished_at_eos,
+    propose_tokens,
+    select_commits,
+    threshold_commits,
+)
+from dlmoe.sampling.stats import GenerationStats
+
+__all__ = [
+    "CACHE_MODES",
+    "REMASKING_RULES",
+    "Canvas",
+    "CapacityPolicy",
+    "GenerationResult",
+    "GenerationStats",
+    "StepInfo",
+    "build_canvas",
+    "commit_schedule",
+    "finished_at_eos",
+    "generate",
+    "propose_tokens",
+    "select_commits",
+    "threshold_commits",
+]

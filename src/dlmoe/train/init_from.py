@@ -1,0 +1,126 @@
+"""Start a run from a finished run's weights and tokenizer (fine-tuning, e.g. dMoE block routing).
+
+`train.init_from=<run_dir>` points at a run folder written by `Trainer.fit()` (`config.json`,
+`tokenizer/`, `model/`). The new run keeps the source's architecture — the keys in
+`ARCHITECTURE_KEYS` decide the weights' shapes and must match — and may change everything else:
+routing (block routing, top-p, guard, router kind), noise range, loss, optimisation, data.
+Everything is checked before anything is written; a resumed run reads its own checkpoint and never
+the source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dlmoe.config import RunConfig
+from dlmoe.config_io import run_config_from_dict
+from dlmoe.model.hf import DlmoeForDiffusionLM
+
+TOKENIZER_DIR = "tokenizer"
+MODEL_DIR = "model"
+
+
+def _moe(attr: str) -> Callable[[RunConfig], Any]:
+    return lambda c: None if c.model.moe is None else getattr(c.model.moe, attr)
+
+
+def _router(attr: str) -> Callable[[RunConfig], Any]:
+    return lambda c: None if c.model.moe is None else getattr(c.model.moe.router, attr)
+
+
+# config keys that change the parameters' names or shapes (vocab: the tokenizer is the source's)
+ARCHITECTURE_KEYS: dict[str, Callable[[RunConfig], Any]] = {
+    "data.vocab_size": lambda c: c.data.vocab_size,
+    "model.dim": lambda c: c.model.dim,
+    "model.num_layers": lambda c: c.model.num_layers,
+    "model.num_heads": lambda c: c.model.num_heads,
+    "model.num_kv_heads": lambda c: c.model.kv_heads,
+    "model.head_dim": lambda c: c.model.head_size,
+    "model.qk_norm": lambda c: c.model.qk_norm,
+    "model.tie_embeddings": lambda c: c.model.tie_embeddings,
+    "model.dense_hidden": lambda c: c.model.dense_hidden,
+    "model.first_k_dense": lambda c: c.model.first_k_dense,
+    "model.moe": lambda c: "null (dense)" if c.model.moe is None else "an MoE config",
+    "model.moe.expert_hidden": _moe("expert_hidden"),
+    "model.moe.num_shared_experts": _moe("num_shared_experts"),
+    "model.moe.shared_hidden": lambda c: None if c.model.moe is None else c.model.moe.shared_width,
+    "model.moe.router.num_experts": _router("num_experts"),
+}
+OPTIONAL_BUFFERS = ("expert_bias",)  # state a fine-tune may drop or start at zero (see `load_weights`)
+
+
+class SourceRun:
+    """A finished run to start from; `open()` checks that it holds a config, a tokenizer and a model."""
+
+    def __init__(self, path: Path, config: RunConfig) -> None:
+        self.path = path
+        self.config = config
+
+    @classmethod
+    def open(cls, path: str | Path, name: str = "train.init_from") -> SourceRun:
+        """`name`: how the user gave the path (the config key, or the CLI's --from), for the errors."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{name}={str(path)!r} is not a run folder (no config.json there)")
+        for needed in (path / MODEL_DIR / "config.json", path / TOKENIZER_DIR / "tokenizer.json"):
+            if not needed.is_file():
+                raise ValueError(
+                    f"{name}={str(path)!r} holds no finished run: {str(needed)!r} is missing "
+                    "(a run writes it when it completes)"
+                )
+        try:
+            saved = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name}: {str(path / 'config.json')!r} is not valid JSON ({err})") from None
+        return cls(path, run_config_from_dict(saved))
+
+    def check_target(self, config: RunConfig, run_dir: Path) -> None:
+        """The new run must keep the architecture, write elsewhere, and not hold another tokenizer."""
+        if run_dir.resolve() == self.path.resolve():
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} is the source run train.init_from={str(self.path)!r}; starting "
+                "there would overwrite it. Choose another run_dir (or --resume to continue that run)"
+            )
+        for key, value_of in ARCHITECTURE_KEYS.items():
+            source, target = value_of(self.config), value_of(config)
+            if source != target:
+                raise ValueError(
+                    f"{key}={target!r} differs from the source run's {key}={source!r} "
+                    f"(train.init_from={str(self.path)!r}): it changes the weights' shapes; keep {source!r}"
+                )
+        existing = run_dir / TOKENIZER_DIR / "tokenizer.json"
+        if existing.is_file() and existing.read_bytes() != (self.path / TOKENIZER_DIR / "tokenizer.json").read_bytes():
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} already holds another run's tokenizer; a run started from "
+                f"train.init_from={str(self.path)!r} uses the source's. Choose a new run_dir"
+            )
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Copy the source's trained parameters and persistent buffers into `model`.
+
+        Loss-free expert biases only steer selection, so they may be switched off (dropped) or on
+        (starting at zero) by a fine-tune, e.g. to move a biased token-choice model to expert choice."""
+        source = DlmoeForDiffusionLM.from_pretrained(self.path / MODEL_DIR)
+        target = model.state_dict()
+        weights = {k: v for k, v in source.state_dict().items() if k in target or not _optional(k)}
+        needed = {k for k in target if not (_optional(k) and k not in weights)}
+        mismatched = sorted(set(weights) ^ needed) or [k for k in weights if weights[k].shape != target[k].shape]
+        if mismatched:
+            raise ValueError(
+                f"train.init_from={str(self.path)!r}: the saved model does not fit this architecture "
+                f"(first mismatched tensors: {mismatched[:3]})"
+            )
+        model.load_state_dict(weights, strict=False)
+
+
+def _optional(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in OPTIONAL_BUFFERS
