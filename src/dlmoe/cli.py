@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dlmoe.cli_eval import add_eval_parser
+from dlmoe.cli_experiments import add_experiment_parsers
 from dlmoe.cli_sample import add_sample_parser
 from dlmoe.config import BlockRoutingConfig, MoEConfig, RouterConfig
 from dlmoe.moe import MoELayer
@@ -167,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=info)
 
     add_sample_parser(sub)
+    add_experiment_parsers(sub)
+    add_eval_parser(sub)
 
     p = sub.add_parser("routing-stats", help="routing statistics of a trained run at mask ratios 0.1/0.5/0.9")
     p.add_argument("--run", required=True)

@@ -6,6 +6,8 @@ attends to itself and earlier blocks, which makes a KV cache of finished blocks 
 per-sample mask ratio r [B] flows explicitly to every MoE layer: expert-choice capacity schedules
 read it. For cached sampling the model runs on a slice of a canvas against a `KVCache` of the
 other columns; left padding is carried by `attention_mask` and per-row `position_ids`.
+Block-causal models train on two streams [x_t ; x_0] (`clean_input_ids`, see `attention_mask`), so
+each noisy block is denoised given clean earlier blocks, as the sampler sees them.
 
 Letters: B batch, L fed length, C key columns, D model width, H heads, K kv heads, Hd head size, V vocab.
 """
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlmoe._checks import check_tensor
-from dlmoe.config import ModelConfig
+from dlmoe.config import BlockRoutingConfig, ModelConfig
+from dlmoe.model.attention_mask import single_stream_mask, two_stream_mask
 from dlmoe.model.kv_cache import KVCache, spliced
 from dlmoe.moe import MoELayer, SwiGLU
 from dlmoe.routing.context import RoutingContext
@@ -185,6 +188,7 @@ class DiffusionTransformer(nn.Module):
         mask_ratio: Tensor | None = None,
         attention_mask: Tensor | None = None,
         *,
+        clean_input_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
         block_ids: Tensor | None = None,
         routing: RoutingContext | None = None,
@@ -198,6 +202,12 @@ class DiffusionTransformer(nn.Module):
             [cache_start, cache_start + L) when `kv_cache` is given).
         mask_ratio: [B] routers' timestep (default: fraction of mask tokens among real fed tokens).
         attention_mask: [B, L] (1 = real token, 0 = padding that no query attends to).
+        clean_input_ids: [B, L] int, x_0 for two-stream block-diffusion training (block-causal
+            models; no cache): the model runs on [input_ids ; clean_input_ids], both at the same
+            positions, with `two_stream_mask`, and returns the logits of the input_ids half only.
+            Dispatches cover all 2L tokens (x_t, then x_0); mask_ratio defaults to x_t's. The x_t
+            logits equal the exact-cache sampler's for per-token (TC) and block routing; plain
+            expert choice pools over the 2L routed tokens, so its selection differs slightly.
         position_ids: [B, L] RoPE positions (default: cache_start + arange(L); with padding and no
             cache, the count of real tokens before each one, so left padding shifts nothing).
         block_ids: [L] int64 non-decreasing blocks of the fed columns, shared by all rows: the
@@ -213,7 +223,6 @@ class DiffusionTransformer(nn.Module):
         valid_BL = self._valid(attention_mask, batch, length)
         positions_BL = self._positions(position_ids, valid_BL, kv_cache, cache_start, batch, length, input_ids.device)
         blocks_L = self._blocks(block_ids, cache_start, length, input_ids.device)
-        mask_BLC = self._attention_mask(valid_BL, blocks_L, kv_cache, cache_start, batch, length)
         if mask_ratio is None:
             is_mask_BL = input_ids == self.config.mask_id
             if valid_BL is None:
@@ -221,7 +230,17 @@ class DiffusionTransformer(nn.Module):
             else:
                 mask_ratio = (is_mask_BL & valid_BL).sum(1).float() / valid_BL.sum(1).clamp_min(1).float()
         routing = dataclasses.replace(routing or RoutingContext(), valid=valid_BL, block_ids=block_ids)
-        x = self.embed_tokens(input_ids)
+        if clean_input_ids is None:
+            tokens_BL = input_ids
+            block_causal = self.config.attention == "block_causal"
+            mask_BLC = single_stream_mask(block_causal, valid_BL, blocks_L, kv_cache, cache_start, batch)
+        else:  # from here on L is 2L: [x_t ; x_0]
+            if kv_cache is not None or return_kv:
+                raise ValueError("clean_input_ids (two-stream training forward) takes no kv_cache and no return_kv")
+            tokens_BL, positions_BL, mask_BLC, routing = self._two_streams(
+                input_ids, clean_input_ids, positions_BL, blocks_L, valid_BL, routing
+            )
+        x = self.embed_tokens(tokens_BL)
         aux = x.new_zeros((), dtype=torch.float32)
         dispatches: list[Dispatch] = []
         fresh_keys, fresh_values = [], []
@@ -234,7 +253,7 @@ class DiffusionTransformer(nn.Module):
             if dispatch is not None:
                 dispatches.append(dispatch)
                 aux = aux + layer_aux
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, :length]))  # two streams: the x_t half only
         kv = None
         if return_kv:
             valid = valid_BL if valid_BL is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
@@ -281,38 +300,43 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"block_ids must be non-decreasing, got {block_ids.tolist()}")
         return block_ids
 
-    def _attention_mask(
+    def _two_streams(
         self,
-        valid_BL: Tensor | None,
+        noisy_BL: Tensor,
+        clean_input_ids: Tensor,
+        positions_BL: Tensor,
         blocks_L: Tensor,
-        kv_cache: KVCache | None,
-        cache_start: int,
-        batch: int,
-        length: int,
-    ) -> Tensor | None:
-        """[B, L, C] bool (True = attend), or None when every query may attend to every key."""
-        block_causal = self.config.attention == "block_causal"
-        if kv_cache is None:
-            if valid_BL is None and not block_causal:
-                return None
-            key_valid = (
-                valid_BL if valid_BL is not None else torch.ones_like(blocks_L, dtype=torch.bool).expand(batch, -1)
+        valid_BL: Tensor | None,
+        routing: RoutingContext,
+    ) -> tuple[Tensor, Tensor, Tensor, RoutingContext]:
+        """Tokens, positions, mask [B, 2L, 2L] and routing context of the input [x_t ; x_0].
+
+        Routing blocks stay inside one stream (x_0 ids shifted past x_t's), so with block routing
+        a clean block is routed on its own, as when the sampler fed it finished."""
+        if self.config.attention != "block_causal":
+            raise ValueError(
+                f"clean_input_ids (two-stream block-diffusion training) needs model.attention='block_causal', "
+                f"this model is {self.config.attention!r}"
             )
-            key_blocks = blocks_L
-        else:
-            if kv_cache.batch_size != batch:
-                raise ValueError(f"kv_cache holds {kv_cache.batch_size} rows, input has {batch}")
-            if not 0 <= cache_start <= kv_cache.length:
-                raise ValueError(f"cache_start must lie in [0, {kv_cache.length}] (cached columns), got {cache_start}")
-            fed_valid = valid_BL if valid_BL is not None else kv_cache.valid.new_ones(batch, length)
-            end = cache_start + length
-            key_valid = torch.cat([kv_cache.valid[:, :cache_start], fed_valid, kv_cache.valid[:, end:]], dim=1)
-            key_blocks = torch.cat([kv_cache.block_ids[:cache_start], blocks_L, kv_cache.block_ids[end:]])
-        if not block_causal and bool(key_valid.all()):
-            return None
-        mask = key_valid[:, None, :].expand(batch, length, -1)
-        if block_causal:
-            mask = mask & (key_blocks[None, None, :] <= blocks_L[None, :, None])
-        if valid_BL is not None:  # padding queries attend everywhere: no empty softmax rows (their output is unused)
-            mask = mask | ~valid_BL[:, :, None]
-        return mask
+        clean_BL = check_tensor("clean_input_ids", clean_input_ids, shape=tuple(noisy_BL.shape), floating=False)
+        batch, length = noisy_BL.shape
+        routed_blocks = routing.block_ids
+        block_config = self._block_routing(routing)
+        if routed_blocks is None and block_config is not None:  # the router's default blocks, per stream
+            routed_blocks = torch.arange(length, device=noisy_BL.device) // block_config.block_size
+        if routed_blocks is not None:
+            span = int(routed_blocks[-1] - routed_blocks[0]) + 1 if length else 0
+            routed_blocks = torch.cat([routed_blocks, routed_blocks + span])
+        routing = dataclasses.replace(
+            routing,
+            valid=None if valid_BL is None else torch.cat([valid_BL, valid_BL], dim=1),
+            block_ids=routed_blocks,
+        )
+        tokens = torch.cat([noisy_BL, clean_BL.to(noisy_BL.dtype)], dim=1)
+        positions = torch.cat([positions_BL, positions_BL], dim=1)
+        return tokens, positions, two_stream_mask(blocks_L, valid_BL, batch), routing
+
+    def _block_routing(self, routing: RoutingContext) -> BlockRoutingConfig | None:
+        if routing.block is not None:
+            return routing.block
+        return None if self.config.moe is None else self.config.moe.router.block

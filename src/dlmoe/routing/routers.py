@@ -10,7 +10,8 @@ Letters: B batch, L length, D model width, E experts.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -229,3 +230,18 @@ def update_expert_biases(model: nn.Module, reduce_counts: CountsReducer | None =
     for module in model.modules():
         if isinstance(module, TokenChoiceRouter):
             module.update_expert_bias(reduce_counts)
+
+
+@contextmanager
+def block_routing(model: nn.Module, block: BlockRoutingConfig | None) -> Iterator[None]:
+    """Route every router of `model` with dMoE block routing `block` (None: token routing) inside
+    the `with` — for evaluations that call the model without a `RoutingContext`."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    saved = [r.block for r in routers]
+    for router in routers:
+        router.block = block
+    try:
+        yield
+    finally:
+        for router, previous in zip(routers, saved, strict=True):
+            router.block = previous

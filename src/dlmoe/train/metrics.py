@@ -13,7 +13,7 @@ from pathlib import Path
 from dlmoe.routing.dispatch import Dispatch
 
 COLUMNS = [
-    "step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "active_flops_per_token",
+    "step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "step_s", "active_flops_per_token",
     "load_max_over_mean", "dropped_fraction", "zero_expert_fraction", "experts_per_token",
     "val_loss", "val_bits_per_byte",
 ]  # fmt: skip

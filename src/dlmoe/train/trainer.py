@@ -7,6 +7,9 @@ One optimizer step:
   2. clip gradients, AdamW step, LR schedule step;
   3. loss-free expert-bias update (once per optimizer step);
   4. log, evaluate, checkpoint on their intervals.
+A block-causal model (`model.attention="block_causal"`) trains on two streams [x_t ; x_0]
+(block diffusion, BD3-LM / LLaDA2): each noisy block sees the clean earlier blocks, as in sampling
+with the exact cache, and validation measures the ELBO of that block-wise denoiser.
 Noise comes from a dedicated generator saved with the checkpoint, so a resumed run repeats the
 uninterrupted run's losses exactly. `train.init_from` starts a run from a finished run's weights and
 tokenizer (fine-tuning; see `init_from.py`); validation always reports the ELBO over t ~ U(0, 1).
@@ -107,7 +110,9 @@ class Trainer:
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step if self.checkpoint else None)
-        self.size = model_size(model_config, config.data.seq_len)
+        # two streams: every training token is fed twice, against 2L keys
+        streams = 2 if model_config.attention == "block_causal" else 1
+        self.flops_per_token = streams * model_size(model_config, streams * config.data.seq_len).forward_flops_per_token
 
     def _resume_point(self, resume: bool) -> Path | None:
         if not resume:
@@ -163,8 +168,10 @@ class Trainer:
             batch, self.config.model.mask_id, antithetic=train.antithetic, generator=generator, t_min=t_min, t_max=t_max
         )
         dev = self.device
+        # block-causal: the clean stream x_0 rides along, so earlier blocks are seen clean (as when sampling)
+        clean = {"clean_input_ids": batch.to(dev)} if self.config.model.attention == "block_causal" else {}
         with self._autocast():
-            out = self.model(noised.noisy_ids.to(dev), mask_ratio=noised.mask_ratio.to(dev))
+            out = self.model(noised.noisy_ids.to(dev), mask_ratio=noised.mask_ratio.to(dev), **clean)
         diff = masked_diffusion_loss(
             out.logits,
             batch.to(dev),
@@ -194,7 +201,7 @@ class Trainer:
                 )
             ((loss + aux) / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
-            aux_total += float(aux) / t.grad_accum
+            aux_total += float(aux.detach()) / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,14 +217,17 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens / elapsed,
-            "active_flops_per_token": self.size.forward_flops_per_token,
+            "step_s": elapsed,
+            "active_flops_per_token": self.flops_per_token,
         }
         return row | routing_summary(dispatches) if routing_stats else row
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation ELBO (nats/token, an upper bound on NLL; always 1/r-weighted), bits per byte,
-        and the mean masked-token CE per mask-ratio bin (written to `val_bins.json`). Fixed noise."""
+        and the mean masked-token CE per mask-ratio bin (written to `val_bins.json`). Fixed noise.
+
+        Block-causal models are scored on two streams: each block given the clean earlier blocks."""
         self.model.eval()
         generator = torch.Generator().manual_seed(1234)
         losses, ce_sum, count = (

@@ -1,0 +1,77 @@
+"""`dlmoe experiment NAME` and `dlmoe retrofit`: the papers' claims as commands (see dlmoe.experiments)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dlmoe._checks import check_int
+
+
+def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
+    from dlmoe.experiments import EXPERIMENTS, SCALES
+
+    p = sub.add_parser("experiment", help="reproduce a paper claim: results JSON, plots and a markdown table")
+    p.add_argument("name", choices=sorted(n for n in EXPERIMENTS if n != "retrofit"))
+    _common(p, SCALES)
+    p.add_argument(
+        "--base-run", dest="base_run", help="a finished run to start from (learning-efficiency, block-routing)"
+    )
+    p.add_argument("--mcq", nargs="*", default=[], help="multiple-choice jsonl files for quality (block-routing)")
+    p.add_argument("--allow-unmatched", dest="allow_unmatched", action="store_true",
+                   help="capacity-schedules: run schedules whose expected FLOPs differ by more than 1%%")  # fmt: skip
+    p.set_defaults(func=experiment)
+
+    p = sub.add_parser("retrofit", help="swap a token-choice run's router to expert choice, fine-tune, compare")
+    p.add_argument("--from", dest="base_run", required=True, help="the token-choice run to retrofit")
+    _common(p, SCALES)
+    p.add_argument("--reinit-router", dest="reinit_router", action="store_true", help="re-initialise router weights")
+    p.set_defaults(func=retrofit, name="retrofit")
+
+
+def _common(p: argparse.ArgumentParser, scales: dict) -> None:
+    p.add_argument("--out", required=True, help="output folder (refused if it holds another run, unless --overwrite)")
+    p.add_argument("--scale", dest="scale_name", choices=sorted(scales), default="laptop")
+    p.add_argument("--corpus", default="shakespeare")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, help="training steps per variant (default: the scale's)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--results-doc", dest="results_doc", help="also regenerate this experiment's section of e.g. docs/results.md"
+    )
+
+
+def _args(ns: argparse.Namespace, **extra: object):
+    from dlmoe.experiments import ExperimentArgs
+
+    check_int("--seeds", ns.seeds, low=1)
+    if ns.steps is not None:
+        check_int("--steps", ns.steps, low=1)
+    return ExperimentArgs(
+        out=Path(ns.out),
+        scale_name=ns.scale_name,
+        corpus=ns.corpus,
+        seeds=ns.seeds,
+        steps=ns.steps,
+        overwrite=ns.overwrite,
+        results_doc=ns.results_doc,
+        allow_unmatched=getattr(ns, "allow_unmatched", False),
+        base_run=ns.base_run,
+        mcq=tuple(getattr(ns, "mcq", ())),
+        extra=dict(extra),
+    )
+
+
+def experiment(ns: argparse.Namespace) -> None:
+    from dlmoe.experiments import experiment_runner
+
+    results = experiment_runner(ns.name)(_args(ns))
+    print(json.dumps({"experiment": ns.name, "out": str(ns.out), "summary": results.get("summary", {})}))
+
+
+def retrofit(ns: argparse.Namespace) -> None:
+    from dlmoe.experiments import experiment_runner
+
+    results = experiment_runner("retrofit")(_args(ns, reinit_router=ns.reinit_router))
+    print(json.dumps({"experiment": "retrofit", "out": str(ns.out), "summary": results.get("summary", {})}))
