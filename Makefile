@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-slow lint bench-moe clean
+.PHONY: install demo test test-fast test-slow lint bench-moe bench-inference results clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,19 @@ test: lint test-fast test-slow
 
 bench-moe: $(STAMP)
 	$(BIN)/python bench/moe_layer.py
+
+bench-inference: $(STAMP)
+	$(BIN)/python bench/inference.py
+
+# Regenerate docs/results.md: every paper claim at laptop scale (each ≤ 20 min on 2 CPU cores).
+# MCQ files are optional (examples: ../shared/data/benchmarks); set MCQ= to skip them.
+MCQ ?= $(wildcard ../shared/data/benchmarks/arc_easy_test.jsonl ../shared/data/benchmarks/piqa_validation.jsonl)
+results: $(STAMP)
+	$(BIN)/dlmoe experiment ec-vs-tc --out runs/results/ec-vs-tc --overwrite --results-doc docs/results.md
+	$(BIN)/dlmoe experiment capacity-schedules --out runs/results/capacity-schedules --overwrite --results-doc docs/results.md
+	$(BIN)/dlmoe experiment learning-efficiency --out runs/results/learning-efficiency --overwrite --results-doc docs/results.md
+	$(BIN)/dlmoe experiment retrofit --out runs/results/retrofit --overwrite --results-doc docs/results.md
+	$(BIN)/dlmoe experiment block-routing --out runs/results/block-routing --overwrite --results-doc docs/results.md $(if $(MCQ),--mcq $(MCQ),)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -13,7 +13,7 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     from dlmoe.experiments import EXPERIMENTS, SCALES
 
     p = sub.add_parser("experiment", help="reproduce a paper claim: results JSON, plots and a markdown table")
-    p.add_argument("name", choices=sorted(n for n in EXPERIMENTS if n != "retrofit"))
+    p.add_argument("name", choices=sorted(EXPERIMENTS))
     _common(p, SCALES)
     p.add_argument(
         "--base-run", dest="base_run", help="a finished run to start from (learning-efficiency, block-routing)"

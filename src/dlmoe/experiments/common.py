@@ -291,8 +291,21 @@ def format_stats(stats: dict[str, Any] | None, digits: int = 4) -> str:
     """Mean ± std as text (just the mean for one seed; "–" for None)."""
     if stats is None or stats["mean"] is None or math.isnan(stats["mean"]):
         return "–"
-    text = f"{stats['mean']:.{digits}g}"
-    return text if stats["std"] is None else f"{text} ± {stats['std']:.2g}"
+    text = _number(stats["mean"], digits)
+    return text if stats["std"] is None else f"{text} ± {_number(stats['std'], 2)}"
+
+
+def format_delta(stats: dict[str, Any] | None) -> str:
+    """A paired difference as signed mean ± its 95 % half-width (just the mean for one seed)."""
+    if stats is None or stats["mean"] is None:
+        return "–"
+    text = f"{stats['mean']:+.3g}"
+    return text if stats["ci95"] is None else f"{text} ± {stats['ci95']:.2g}"
+
+
+def _number(value: float, digits: int) -> str:
+    """`digits` significant digits, but whole numbers from 10**digits on (4690, not 4.69e+03)."""
+    return f"{value:.0f}" if abs(value) >= 10**digits else f"{value:.{digits}g}"
 
 
 def finite(data: Any) -> Any:
