@@ -255,6 +255,7 @@ class DataConfig:
     vocab_size: int = 4096
     seq_len: int = 256
     validation_fraction: float = 0.05
+    split_seed: int = 0  # which documents are held out; not train.seed, so a fine-tune or a new seed keeps the split
     cache_dir: str | None = None  # None: <run_dir>/../.cache (shared by runs in one folder)
 
     def __post_init__(self) -> None:
@@ -265,6 +266,7 @@ class DataConfig:
         check_float(
             "data.validation_fraction", self.validation_fraction, low=0.0, high=1.0, low_open=True, high_open=True
         )
+        check_int("data.split_seed", self.split_seed, low=0)
 
 
 LR_SCHEDULES = ("cosine", "wsd", "constant")

@@ -227,8 +227,8 @@ def report(results: dict[str, Any]) -> str:
         f"Scale: dim {scale['dim']}, {scale['num_layers']} layers, E = {scale['num_experts']}, "
         f"k = {scale['experts_per_token']}, L = {scale['seq_len']}, batch {scale['batch_size']}, "
         f"{scale['steps']} steps; {results['options']['seeds']} seed(s), corpus `{results['options']['corpus']}`. "
-        "Values are mean ± std over seeds (each seed has its own data split, so the spread includes the "
-        "validation set); Δ vs ec: paired per seed, ± its 95 % interval. Routing figures are means over "
+        "Values are mean ± std over seeds (seeds change initialisation, batch order and noise; the data split "
+        "is fixed by data.split_seed); Δ vs ec: paired per seed, ± its 95 % interval. Routing figures are means over "
         "training steps; experts/token is measured (TC capacity drops lower it). "
         "Training time excludes validation; wall-clock figures depend on the machine and its load."
     )

@@ -44,7 +44,7 @@ def prepare_data(config: RunConfig, run_dir: Path, *, tokenizer_from: Path | Non
         tokenizer.save_pretrained(tokenizer_dir)
     cache_dir = Path(data.cache_dir) if data.cache_dir else run_dir.resolve().parent / ".cache"
     splits = cached_token_splits(
-        corpus, tokenizer, cache_dir, validation_fraction=data.validation_fraction, seed=train.seed
+        corpus, tokenizer, cache_dir, validation_fraction=data.validation_fraction, seed=data.split_seed
     )
     train_batches = BatchIterator(splits.train, data.seq_len, train.batch_size, seed=train.seed)
     rows = as_sequences(splits.validation, data.seq_len)
