@@ -26,7 +26,7 @@ from dlmoe.config import BlockRoutingConfig, ModelConfig
 from dlmoe.model.attention_mask import single_stream_mask, two_stream_mask
 from dlmoe.model.kv_cache import KVCache, spliced
 from dlmoe.moe import MoELayer, SwiGLU
-from dlmoe.routing.context import RoutingContext
+from dlmoe.routing.context import RoutingContext, check_block_ids
 from dlmoe.routing.dispatch import Dispatch
 
 
@@ -295,10 +295,7 @@ class DiffusionTransformer(nn.Module):
     def _blocks(self, block_ids: Tensor | None, cache_start: int, length: int, device: torch.device) -> Tensor:
         if block_ids is None:
             return torch.arange(cache_start, cache_start + length, device=device) // self.config.attention_block_size
-        block_ids = check_tensor("block_ids", block_ids, shape=(length,), floating=False).long()
-        if length > 1 and bool((block_ids[1:] < block_ids[:-1]).any()):
-            raise ValueError(f"block_ids must be non-decreasing, got {block_ids.tolist()}")
-        return block_ids
+        return check_block_ids(block_ids, length, device=device).long()
 
     def _two_streams(
         self,
