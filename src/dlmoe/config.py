@@ -364,6 +364,37 @@ class SampleConfig:
         check_choice("sample.remasking", self.remasking, ("low_confidence", "random"))
 
 
+DATA_PARALLEL = ("ddp", "fsdp")
+EC_POOLS = ("local", "group")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How a `torchrun` launch splits the work (ignored by a single process).
+
+    Every rank trains on its own slice of the global batch (`train.batch_size` is global and must
+    divide by the world size); dense parameters are replicated (`ddp`) or sharded (`fsdp`, FSDP2)
+    over all ranks. `expert_parallel` = P shards the experts over groups of P consecutive ranks;
+    dispatched rows travel by all_to_all. `ec_pool="group"`: an expert-choice router with
+    `pool="batch"` ranks the tokens of the whole EP group (what one process with the group's
+    batch would do) instead of each rank's own tokens.
+    """
+
+    data_parallel: str = "ddp"
+    expert_parallel: int = 1
+    ec_pool: str = "local"
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        check_choice("parallel.data_parallel", self.data_parallel, DATA_PARALLEL)
+        check_int("parallel.expert_parallel", self.expert_parallel, low=1)
+        check_choice("parallel.ec_pool", self.ec_pool, EC_POOLS)
+        check_choice("parallel.backend", self.backend, DIST_BACKENDS)
+        check_float("parallel.timeout_s", self.timeout_s, low=0.0, low_open=True)
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """Everything a run needs; saved as `<run_dir>/config.json` and loadable from YAML + overrides."""
@@ -373,6 +404,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
@@ -380,3 +412,15 @@ class RunConfig:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower data.seq_len or raise model.max_seq_len"
             )
+        router = self.model.moe.router if self.model.moe is not None else None
+        if self.parallel.ec_pool == "group" and (
+            router is None or router.kind != "expert_choice" or router.pool != "batch"
+        ):
+            raise ValueError(
+                "parallel.ec_pool='group' pools the tokens of an expert-choice router with "
+                "model.moe.router.pool='batch' over the expert-parallel group; this model's router is "
+                f"{'absent (dense model)' if router is None else f'{router.kind} with pool={router.pool!r}'}"
+                " (use parallel.ec_pool='local')"
+            )
+        if self.parallel.expert_parallel > 1 and router is None:
+            raise ValueError("parallel.expert_parallel > 1 needs an MoE model (model.moe is null)")

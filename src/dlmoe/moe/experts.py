@@ -142,8 +142,11 @@ class Experts(nn.Module):
         x = x_SD.to(dtype)
         w_gu, w_d = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         backend = self.resolve_backend(equal_counts)
-        if x.shape[0] == 0:  # e.g. an expert-parallel rank that received no rows: zero grads, not None
-            return x.new_zeros(0, self.dim) + 0.0 * (w_gu.sum() + w_d.sum())
+        if x.shape[0] == 0:
+            # e.g. an expert-parallel rank that received no rows: zero grads, not None, and the output
+            # stays connected to x, so the backward of the exchange that delivered x still runs here
+            # (every rank must join each all_to_all of the backward)
+            return (x.sum() + 0.0 * (w_gu.sum() + w_d.sum())).expand(0, self.dim)
         with torch.autocast(x_SD.device.type, enabled=False):
             if backend == "loop":
                 return swiglu_loop(x, counts, w_gu, w_d, gate_S)

@@ -16,6 +16,8 @@ Letters: B batch, L length, N = B·L tokens, E experts, C capacity, S slots.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -133,6 +135,87 @@ def expert_choice(
         num_requested_slots=num_experts * per_expert,
         aux_loss=ec_z_loss(logits_NE, z_loss_coef, valid),
         equal_counts=True,
+        valid=valid,
+    )
+
+
+class TokenPool(Protocol):
+    """The tokens of several processes pooled for expert choice (implemented by `dlmoe.parallel`).
+
+    `rank` is this member's index and `size` the number of members; `gather` concatenates every
+    member's tensor along dim 0 in rank order (no gradient) and `sum` adds them up."""
+
+    rank: int
+    size: int
+
+    def gather(self, x: Tensor) -> Tensor: ...
+
+    def sum(self, x: Tensor) -> Tensor: ...
+
+
+def expert_choice_pooled(
+    logits: Tensor,
+    k: int | Tensor,
+    token_pool: TokenPool,
+    *,
+    select: str = "logit",
+    gate: str = "restricted",
+    z_loss_coef: float = 0.0,
+    valid: Tensor | None = None,
+) -> Dispatch:
+    """`expert_choice(pool="batch")` over the tokens of every member of `token_pool`.
+
+    Each expert picks its top-C tokens of the concatenated batches (members in rank order), with
+    C = min(max(⌊Σ n·k / E⌋, 1), Σ n) summed over all members; this member keeps the slots of its
+    own tokens. Equal to one process routing the concatenated batch; the members' slot counts per
+    expert differ (`equal_counts=False`), but they add up to C. Gates depend on the local logits only.
+    Every member must pass the same [B, L] batch shape.
+    """
+    logits = check_logits(logits)
+    batch, length, num_experts = logits.shape
+    k = _check_k(k, batch, num_experts)
+    check_choice("select", select, SELECT)
+    check_choice("gate", gate, GATES)
+    if valid is not None:
+        check_valid(valid, batch, length, device=logits.device)
+    logits = logits.float()
+    num_tokens = batch * length
+    shapes = token_pool.gather(torch.tensor([[batch, length]], device=logits.device))
+    if bool((shapes != shapes[:1]).any()):
+        raise ValueError(
+            f"a token pool over {token_pool.size} processes needs the same [B, L] on every member, got "
+            f"{shapes.tolist()} (use parallel.ec_pool='local' for uneven batches)"
+        )
+
+    # 1. the pool's capacity from the budgets of all members
+    k_B = torch.as_tensor(k, dtype=torch.int64, device=logits.device).expand(batch)
+    n_B = torch.full_like(k_B, length) if valid is None else valid.sum(1).to(k_B.device)
+    budget, n_total = token_pool.sum(torch.stack([(n_B * k_B).sum(), n_B.sum()])).tolist()
+    capacity = min(max(budget // num_experts, 1), n_total)
+
+    # 2. every expert ranks the pooled tokens; keep the picks that are this member's tokens
+    rank_NE = logits.detach() if select == "logit" else torch.softmax(logits.detach(), dim=-1)
+    rank_NE = rank_NE.reshape(num_tokens, num_experts)
+    if valid is not None:
+        rank_NE = rank_NE.masked_fill(~valid.reshape(-1, 1), float("-inf"))
+    pos_EC = token_pool.gather(rank_NE).T.topk(capacity, dim=-1, sorted=True).indices
+    first = token_pool.rank * num_tokens
+    mine_EC = (pos_EC >= first) & (pos_EC < first + num_tokens)
+    counts_E = mine_EC.sum(1)
+    token_S = pos_EC[mine_EC] - first  # row-major over experts: sorted by expert
+    expert_S = torch.arange(num_experts, device=logits.device).repeat_interleave(counts_E)
+
+    logits_NE = logits.reshape(num_tokens, num_experts)
+    return Dispatch(
+        token_index=token_S,
+        expert_index=expert_S,
+        gate=ec_gates(logits_NE, token_S, expert_S, gate),
+        counts=counts_E,
+        num_tokens=num_tokens,
+        batch_shape=(batch, length),
+        num_requested_slots=int(counts_E.sum()),
+        aux_loss=ec_z_loss(logits_NE, z_loss_coef, valid),
+        equal_counts=False,
         valid=valid,
     )
 

@@ -23,7 +23,7 @@ from dlmoe.routing.block import block_route
 from dlmoe.routing.block_expert_choice import block_expert_choice
 from dlmoe.routing.context import RoutingContext
 from dlmoe.routing.dispatch import Dispatch
-from dlmoe.routing.expert_choice import expert_choice
+from dlmoe.routing.expert_choice import TokenPool, expert_choice, expert_choice_pooled
 from dlmoe.routing.schedules import dynamic_k
 from dlmoe.routing.token_choice import router_scores, token_choice
 
@@ -153,8 +153,13 @@ class ExpertChoiceRouter(Router):
 
     With block routing (the context's or the router's `block`), EC runs inside each block's voted
     coreset (`block_expert_choice`; the blocks replace `pool`). `context.experts_per_token`
-    overrides k for one forward.
+    overrides k for one forward. `token_pool` (set by expert parallelism, `parallel.ec_pool="group"`)
+    makes `pool="batch"` rank the tokens of several processes.
     """
+
+    def __init__(self, config: RouterConfig, dim: int) -> None:
+        super().__init__(config, dim)
+        self.token_pool: TokenPool | None = None
 
     def experts_per_token(
         self, mask_ratio: Tensor | None, batch: int, context: RoutingContext | None = None
@@ -202,6 +207,16 @@ class ExpertChoiceRouter(Router):
                 select=c.select,
                 gate=c.gate,
                 z_loss_coef=z_loss_coef,
+            )
+        if self.token_pool is not None and c.pool == "batch":
+            return expert_choice_pooled(
+                self.logits(x_BLD),
+                k,
+                self.token_pool,
+                select=c.select,
+                gate=c.gate,
+                z_loss_coef=z_loss_coef,
+                valid=ctx.valid,
             )
         return expert_choice(
             self.logits(x_BLD),

@@ -50,6 +50,9 @@ CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+DCP_DIR = "dcp"  # torch.distributed.checkpoint files of a sharded (torchrun) checkpoint
+# files each layout must list in meta.json: "safetensors" (one process), "dcp" (sharded, any world size)
+REQUIRED_FILES = {"safetensors": (MODEL_FILE, STATE_FILE), "dcp": (STATE_FILE, f"{DCP_DIR}/.metadata")}
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _SCRATCH_DIR = re.compile(r"^\.(?:tmp|old)-step_\d{8,}-(\d+)$")  # .tmp-* being written, .old-* being replaced
 
@@ -125,28 +128,63 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
         raise ValueError(f"state must be a dict, got {type(state).__name__}")
     if "step" in state and state["step"] != step:
         raise ValueError(f"state['step'] = {state['step']!r} disagrees with step = {step}")
-    _check_weights_only(state, "state")
+    check_weights_only(state, "state")
     tensors = _model_tensors(model)
 
+    tmp, final = begin_checkpoint(run_dir, step)
+    try:
+        _write_checkpoint_files(tmp, step, tensors, {**state, "step": step})
+        finish_checkpoint(tmp, final, step, [MODEL_FILE, STATE_FILE], keep_last=keep_last)
+    except BaseException as error:
+        raise_save_failure(error, tmp, final, step)
+    return final
+
+
+def begin_checkpoint(run_dir: str | Path, step: int, *, tag: int | None = None) -> tuple[Path, Path]:
+    """Create the scratch directory `checkpoints/.tmp-step_<step>-<tag>` (tag: this pid); return it
+    and the final `step_<step>` path. Stale scratch directories of dead processes are removed."""
     ckpt_root = Path(run_dir) / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
     _remove_stale_scratch(ckpt_root)
     final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".tmp-step_{step:08d}-{os.getpid()}"
-    try:
-        tmp.mkdir()
-        _write_checkpoint_files(tmp, step, tensors, {**state, "step": step})
-        _move_into_place(tmp, final)
-    except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(error, Exception):  # KeyboardInterrupt / SystemExit pass through unchanged
-            raise
-        message = f"saving checkpoint step {step} to {final} failed ({error}); earlier checkpoints are untouched"
-        if isinstance(error, OSError):
-            raise OSError(error.errno, message) from error
-        raise RuntimeError(message) from error
-    _prune(ckpt_root, newest=final, keep_last=keep_last)
-    return final
+    tmp = ckpt_root / f".tmp-step_{step:08d}-{os.getpid() if tag is None else tag}"
+    tmp.mkdir()
+    return tmp, final
+
+
+def finish_checkpoint(
+    tmp: Path, final: Path, step: int, files: list[str], *, layout: str = "safetensors", keep_last: int
+) -> None:
+    """Commit a checkpoint whose `files` (paths relative to `tmp`) are written and fsync-ed:
+    meta.json with their sizes and sha256 (the commit record, written last), rename into place,
+    prune to `keep_last`."""
+    # Hash what is on disk (read back), not what we meant to write.
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "layout": layout,
+        "step": step,
+        "time": time.time(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {name: _describe_file(tmp / name) for name in files},
+    }
+    with open(tmp / META_FILE, "w") as handle:
+        json.dump(meta, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_path(tmp)
+    _move_into_place(tmp, final)
+    _prune(final.parent, newest=final, keep_last=keep_last)
+
+
+def raise_save_failure(error: BaseException, tmp: Path, final: Path, step: int) -> None:
+    """Remove the scratch directory and re-raise `error` as OSError / RuntimeError naming the step."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not isinstance(error, Exception):  # KeyboardInterrupt / SystemExit pass through unchanged
+        raise error
+    message = f"saving checkpoint step {step} to {final} failed ({error}); earlier checkpoints are untouched"
+    if isinstance(error, OSError):
+        raise OSError(error.errno, message) from error
+    raise RuntimeError(message) from error
 
 
 def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -169,7 +207,7 @@ def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def _check_weights_only(value: Any, where: str) -> None:
+def check_weights_only(value: Any, where: str) -> None:
     """Raise ValueError naming the first value torch.load(weights_only=True) would refuse."""
     kind = type(value)
     if kind in _TENSOR_TYPES or kind in _LEAF_TYPES:
@@ -183,35 +221,26 @@ def _check_weights_only(value: Any, where: str) -> None:
         )
     if kind in (dict, collections.OrderedDict):
         for key, item in value.items():
-            _check_weights_only(key, f"{where} key {key!r}")
-            _check_weights_only(item, f"{where}[{key!r}]")
+            check_weights_only(key, f"{where} key {key!r}")
+            check_weights_only(item, f"{where}[{key!r}]")
     else:
         for index, item in enumerate(value):
-            _check_weights_only(item, f"{where}[{index}]")
+            check_weights_only(item, f"{where}[{index}]")
 
 
 def _write_checkpoint_files(directory: Path, step: int, tensors: dict[str, Tensor], state: dict) -> None:
-    """model.safetensors and state.pt, then meta.json describing them; each fsync-ed, then the dir."""
+    """model.safetensors and state.pt, each fsync-ed."""
     safetensors.torch.save_file(tensors, str(directory / MODEL_FILE), metadata={"step": str(step)})
-    _fsync_file(directory / MODEL_FILE)
-    with open(directory / STATE_FILE, "wb") as handle:
+    fsync_file(directory / MODEL_FILE)
+    write_state_file(directory / STATE_FILE, state)
+
+
+def write_state_file(path: Path, state: dict) -> None:
+    """torch.save(state) (weights_only-loadable, checked by the caller), fsync-ed."""
+    with open(path, "wb") as handle:
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    # Hash what is on disk (read back), not what we meant to write.
-    files = {name: _describe_file(directory / name) for name in (MODEL_FILE, STATE_FILE)}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "time": time.time(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": files,
-    }
-    with open(directory / META_FILE, "w") as handle:
-        json.dump(meta, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_path(directory)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -295,6 +324,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def checkpoint_layout(path: str | Path) -> str:
+    """ "safetensors" (written by one process) or "dcp" (sharded, written by a torchrun launch)."""
+    return _read_meta(Path(path)).get("layout", "safetensors")
+
+
 def load_checkpoint(path: str | Path, model: nn.Module) -> dict:
     """Verify the checkpoint at `path`, load its weights into `model` and return its state dict.
 
@@ -305,6 +339,11 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict:
     """
     path = Path(path)
     meta = _read_meta(path)
+    if meta.get("layout", "safetensors") != "safetensors":
+        raise ValueError(
+            f"checkpoint {path} is sharded (layout {meta['layout']!r}); load it with "
+            "dlmoe.parallel.checkpoint.load_sharded_checkpoint (the trainer does this on --resume)"
+        )
     blobs = {name: _read_verified(path, name, meta["files"][name]) for name in (MODEL_FILE, STATE_FILE)}
     try:
         tensors = safetensors.torch.load(blobs[MODEL_FILE])
@@ -368,9 +407,9 @@ def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
         files = meta["files"]
+        required = REQUIRED_FILES[meta.get("layout", "safetensors")]
         ok = isinstance(meta["step"], int) and all(
-            isinstance(files[name]["size"], int) and isinstance(files[name]["sha256"], str)
-            for name in (MODEL_FILE, STATE_FILE)
+            isinstance(files[name]["size"], int) and isinstance(files[name]["sha256"], str) for name in required
         )
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"checkpoint {path}: {META_FILE} is unreadable or incomplete ({error!r})") from error
@@ -381,6 +420,15 @@ def _read_meta(path: Path) -> dict:
             f"checkpoint {path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
         )
     return meta
+
+
+def verified_bytes(path: str | Path, name: str) -> bytes:
+    """The bytes of one file of the checkpoint at `path`, checked against its meta.json entry."""
+    path = Path(path)
+    meta = _read_meta(path)
+    if name not in meta["files"]:
+        raise ValueError(f"checkpoint {path}: meta.json lists no {name!r}")
+    return _read_verified(path, name, meta["files"][name])
 
 
 def _read_verified(path: Path, name: str, expected: dict) -> bytes:
@@ -425,6 +473,6 @@ def _sha256_file(file: Path, chunk_bytes: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(file: Path) -> None:
+def fsync_file(file: Path) -> None:
     with open(file, "rb") as handle:
         os.fsync(handle.fileno())
