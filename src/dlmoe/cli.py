@@ -71,12 +71,10 @@ def _load(args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> None:
-    """Train (or --resume) a run; prints a JSON summary."""
-    from dlmoe.train import Trainer
-
-    config = _load(args)
-    summary = Trainer(config, resume=args.resume, progress=not args.no_progress).fit()
-    _print_summary(summary)
+    """Train (or --resume) a run; prints a JSON summary. Under torchrun: every rank trains its slice."""
+    summary = _fit(_load(args), args)
+    if summary is not None:
+        _print_summary(summary)
 
 
 def finetune(args: argparse.Namespace) -> None:
@@ -85,14 +83,33 @@ def finetune(args: argparse.Namespace) -> None:
     import dataclasses
 
     from dlmoe.config_io import load_run_config, run_config_to_dict
-    from dlmoe.train import Trainer
     from dlmoe.train.init_from import SourceRun
 
     source = SourceRun.open(args.source, name="--from")
     config = load_run_config(args.config, args.overrides, base=run_config_to_dict(source.config))
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(source.path)))
-    summary = Trainer(config, resume=args.resume, progress=not args.no_progress).fit()
-    _print_summary(summary)
+    summary = _fit(config, args)
+    if summary is not None:
+        _print_summary(summary)
+
+
+def _fit(config, args: argparse.Namespace) -> TrainSummary | None:
+    """One process, or — launched by torchrun — this rank of the world (None on ranks other than 0)."""
+    from dlmoe.parallel import launched_by_torchrun
+    from dlmoe.train import Trainer
+
+    if not launched_by_torchrun():
+        return Trainer(config, resume=args.resume, progress=not args.no_progress).fit()
+    from dlmoe.parallel import init_parallel, shutdown
+    from dlmoe.train.distributed import DistributedRuntime
+
+    state = init_parallel(config.parallel, config.train.device)
+    try:
+        runtime = DistributedRuntime(state)
+        summary = Trainer(config, resume=args.resume, progress=not args.no_progress, runtime=runtime).fit()
+        return summary if state.is_main else None
+    finally:
+        shutdown()
 
 
 def _print_summary(summary: TrainSummary) -> None:

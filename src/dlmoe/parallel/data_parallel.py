@@ -14,6 +14,7 @@ expert gradient is Σ over the EP group already, so it is summed over dp and div
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -115,10 +116,14 @@ def parallelize(model: nn.Module, state: ParallelState) -> ParallelModel:
     if config.data_parallel == "ddp":
         ignored = [name for name, p in model.named_parameters() if p in experts]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-        # buffers are not broadcast: the expert-bias counts are per rank until reduced
+        # buffers are synced once, at init (all equal then); not at every forward: the expert-bias
+        # counts are per rank until `update_expert_biases` all-reduces them
         device_ids = [state.device.index] if state.device.type == "cuda" else None
-        forward_module = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        forward_module = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     else:
+        # FSDP2 warns that a block returns views (its fresh K/V, returned for caching); nothing
+        # modifies them in place, so the warning does not apply
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in (m for m in model.modules() if isinstance(m, Block)):
             fully_shard(block, mesh=state.world_mesh, ignored_params={p for p in block.parameters() if p in experts})
         fully_shard(model, mesh=state.world_mesh, ignored_params=experts)

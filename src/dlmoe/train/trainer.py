@@ -17,6 +17,7 @@ tokenizer (fine-tuning; see `init_from.py`); validation always reports the ELBO 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -27,21 +28,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmoe.config import RunConfig
-from dlmoe.config_io import save_run_config
+from dlmoe.config_io import run_config_to_dict, save_run_config
 from dlmoe.diffusion.loss import DiffusionLoss, loss_by_mask_ratio_bin, masked_diffusion_loss
 from dlmoe.diffusion.noise import NoisedBatch, add_mask_noise
 from dlmoe.model.flops import model_size
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
 from dlmoe.routing.routers import update_expert_biases
 from dlmoe.runtime import tune_cpu_malloc
-from dlmoe.train.checkpoint import (
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from dlmoe.train.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from dlmoe.train.data_setup import RunData, prepare_data
+from dlmoe.train.distributed import LocalRuntime
 from dlmoe.train.init_from import SourceRun
 from dlmoe.train.metrics import MetricsLog, plot_losses, routing_summary
 from dlmoe.train.schedule import build_lr_schedule
@@ -77,39 +73,54 @@ class TrainSummary:
 class Trainer:
     """Train a MoE diffusion LM from a `RunConfig`; `resume=True` continues from the latest checkpoint.
 
-    With `train.init_from` (and no checkpoint to resume) the model starts from that run's weights."""
+    With `train.init_from` (and no checkpoint to resume) the model starts from that run's weights.
+    `runtime`: a `DistributedRuntime` for a rank of a torchrun world (default: one process)."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, config: RunConfig, *, resume: bool = False, progress: bool = True, runtime: LocalRuntime | None = None
+    ) -> None:
         self.run_dir = Path(config.run_dir)
-        self.progress = progress
+        self.runtime = runtime = runtime or LocalRuntime()
+        self.progress = progress and runtime.is_main
+        if config.train.batch_size % runtime.world_size:
+            raise ValueError(
+                f"train.batch_size={config.train.batch_size} (the global batch) is not divisible by the world size "
+                f"{runtime.world_size}; allowed: a multiple of {runtime.world_size}"
+            )
         tune_cpu_malloc()
         if config.train.threads is not None:
             torch.set_num_threads(config.train.threads)
         self.checkpoint = self._resume_point(resume)
-        self.device = resolve_device(config.train.device)
+        self.device = runtime.device or resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
         source = None
         if config.train.init_from is not None and self.checkpoint is None:
             source = SourceRun.open(config.train.init_from)
             source.check_target(config, self.run_dir)  # before anything is written
         tokenizer_from = source.tokenizer_dir if source is not None else None
-        self.data: RunData = prepare_data(config, self.run_dir, tokenizer_from=tokenizer_from)
+        with runtime.main_first():  # rank 0 trains the tokenizer and fills the token cache
+            self.data: RunData = prepare_data(config, self.run_dir, tokenizer_from=tokenizer_from)
         mask_id, eos_id, pad_id = self.data.special_ids
         model_config = replace(
             config.model, vocab_size=len(self.data.tokenizer), mask_id=mask_id, eos_id=eos_id, pad_id=pad_id
         )
         self.config = replace(config, model=model_config)
-        save_run_config(self.config, self.run_dir / "config.json")
-        self.model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config)).to(self.device)
+        if runtime.is_main:
+            save_run_config(self.config, self.run_dir / "config.json")
+        # every rank builds the whole model from the same seed; parallelising keeps each rank's part
+        model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config)).to(self.device)
         if source is not None:
-            source.load_weights(self.model)
+            source.load_weights(model)
+        self.model = runtime.setup(run_config_to_dict(self.config), model)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_lr_schedule(self.optimizer, self.config.train)
         self.noise_generator = torch.Generator().manual_seed(config.train.seed + 1)
         self.step = 0
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
-        self.metrics = MetricsLog(self.run_dir, resume_step=self.step if self.checkpoint else None)
+        self.metrics = (
+            MetricsLog(self.run_dir, resume_step=self.step if self.checkpoint else None) if runtime.is_main else None
+        )
         # two streams: every training token is fed twice, against 2L keys
         streams = 2 if model_config.attention == "block_causal" else 1
         self.flops_per_token = streams * model_size(model_config, streams * config.data.seq_len).forward_flops_per_token
@@ -134,9 +145,9 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=False)
 
     def _state(self) -> dict:
+        """Everything but the model and the optimizer (saved by the runtime: whole or sharded)."""
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.data.train_batches.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
@@ -144,8 +155,7 @@ class Trainer:
         }
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = self.runtime.load_checkpoint(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.train_batches.load_state_dict(state["data"])
         self.noise_generator.set_state(state["noise_generator"])
@@ -167,11 +177,15 @@ class Trainer:
         noised = add_mask_noise(
             batch, self.config.model.mask_id, antithetic=train.antithetic, generator=generator, t_min=t_min, t_max=t_max
         )
+        # the noise of the global batch is drawn on every rank; each keeps its own rows
+        rows = self.runtime.local_rows
+        batch = rows(batch)
+        noised = NoisedBatch(*(rows(getattr(noised, f.name)) for f in dataclasses.fields(noised)))
         dev = self.device
         # block-causal: the clean stream x_0 rides along, so earlier blocks are seen clean (as when sampling)
         clean = {"clean_input_ids": batch.to(dev)} if self.config.model.attention == "block_causal" else {}
         with self._autocast():
-            out = self.model(noised.noisy_ids.to(dev), mask_ratio=noised.mask_ratio.to(dev), **clean)
+            out = self.runtime.forward_module(noised.noisy_ids.to(dev), mask_ratio=noised.mask_ratio.to(dev), **clean)
         diff = masked_diffusion_loss(
             out.logits,
             batch.to(dev),
@@ -190,23 +204,27 @@ class Trainer:
         start = time.perf_counter()
         total = aux_total = 0.0
         dispatches: list = []
-        for _ in range(t.grad_accum):
+        runtime = self.runtime
+        for micro in range(t.grad_accum):
             batch = next(self.data.train_batches)
-            diff, aux, dispatches, _ = self._loss(batch, self.noise_generator)
-            loss = diff.loss
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at step {self.step + 1}; stopping. "
-                    f"The last good checkpoint is kept under {self.run_dir / 'checkpoints'}"
-                )
-            ((loss + aux) / t.grad_accum).backward()
+            with runtime.gradient_sync(micro == t.grad_accum - 1):  # dense gradients sync on the last one
+                diff, aux, dispatches, _ = self._loss(batch, self.noise_generator)
+                loss = diff.loss
+                ((loss + aux) / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
             aux_total += float(aux.detach()) / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        runtime.finish_gradients()
+        total, aux_total = runtime.mean([total, aux_total])
+        if not math.isfinite(total):
+            raise TrainingError(
+                f"non-finite loss ({total}) at step {self.step + 1}; stopping. "
+                f"The last good checkpoint is kept under {self.run_dir / 'checkpoints'}"
+            )
+        grad_norm = runtime.clip_grad_norm_(self.model, t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        update_expert_biases(self.model)
+        update_expert_biases(self.model, runtime.reduce_counts)
         self.step += 1
         elapsed = time.perf_counter() - start
         tokens = t.batch_size * t.grad_accum * self.config.data.seq_len
@@ -240,6 +258,9 @@ class Trainer:
             losses.append(diff.loss.item())
             bin_ce, bin_n = loss_by_mask_ratio_bin(diff.token_ce.cpu(), noised.masked, noised.mask_ratio, NUM_BINS)
             ce_sum, count = ce_sum + bin_ce, count + bin_n
+        # ranks score equal slices of each batch: the mean of their losses is the global batch's
+        losses = self.runtime.mean(losses)
+        ce_sum, count = self.runtime.sum(ce_sum), self.runtime.sum(count)
         val = sum(losses) / len(losses)
         bins = [
             {
@@ -250,36 +271,42 @@ class Trainer:
             for i in range(NUM_BINS)
             if count[i] > 0
         ]
-        (self.run_dir / "val_bins.json").write_text(json.dumps({"step": self.step, "bins": bins}, indent=1))
+        if self.runtime.is_main:
+            (self.run_dir / "val_bins.json").write_text(json.dumps({"step": self.step, "bins": bins}, indent=1))
         return {"val_loss": val, "val_bits_per_byte": val / math.log(2) / self.data.bytes_per_token}
 
     def fit(self) -> TrainSummary:
-        t = self.config.train
+        t, runtime = self.config.train, self.runtime
         start, tokens_per_s, last, val = time.perf_counter(), 0.0, {}, {}
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         try:
-            while self.step < t.steps:
-                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
-                row = self.train_step(routing_stats=log_now)
-                tokens_per_s = row["tokens_per_s"]
-                if self.step % t.eval_every == 0 or self.step == t.steps:
-                    val = self.evaluate()
-                    row |= val
-                    log_now = True
-                if log_now:
-                    self.metrics.write(row)
-                last = row
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    save_checkpoint(self.run_dir, self.step, self.model, self._state(), keep_last=t.keep_last)
+            with runtime.guard(self.run_dir):
+                while self.step < t.steps:
+                    log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
+                    row = self.train_step(routing_stats=log_now)
+                    tokens_per_s = row["tokens_per_s"]
+                    if self.step % t.eval_every == 0 or self.step == t.steps:
+                        val = self.evaluate()
+                        row |= val
+                        log_now = True
+                    if log_now and self.metrics is not None:
+                        self.metrics.write(row)
+                    last = row
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                    if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                        runtime.save_checkpoint(
+                            self.run_dir, self.step, self.model, self.optimizer, self._state(), t.keep_last
+                        )
+                runtime.save_model(self.model, self.run_dir / "model")
+                val = val or self.evaluate()
         finally:
             bar.close()
-            self.metrics.close()
-        self.model.save_pretrained(self.run_dir / "model")
-        self.data.tokenizer.save_pretrained(self.run_dir / "model")
-        plot_losses(self.metrics.path, self.run_dir / "loss.png")
-        val = val or self.evaluate()
+            if self.metrics is not None:
+                self.metrics.close()
+        if runtime.is_main:
+            self.data.tokenizer.save_pretrained(self.run_dir / "model")
+            plot_losses(self.metrics.path, self.run_dir / "loss.png")
         return TrainSummary(
             self.run_dir,
             self.step,

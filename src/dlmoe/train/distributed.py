@@ -1,0 +1,180 @@
+"""What the trainer does differently on one process and on a torchrun world.
+
+`LocalRuntime` is one process: the trainer's code path is the plain one. `DistributedRuntime`
+wraps a `ParallelState`: each rank trains on its rows of the global batch (`train.batch_size` is
+global), the model is parallelised from outside (`dlmoe.parallel.parallelize`), scalars are
+averaged over ranks, only rank 0 writes files, and checkpoints are sharded (DCP). A collective that
+fails (a rank died) or times out becomes a `DistributedError` naming the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dlmoe.train.checkpoint import checkpoint_layout, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class LocalRuntime:
+    """One process, no process group."""
+
+    rank, world_size, is_main = 0, 1, True
+    device: torch.device | None = None  # None: train.device decides
+    forward_module: nn.Module
+
+    def setup(self, config, model: nn.Module) -> nn.Module:
+        self.forward_module = model
+        return model
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        yield
+
+    def local_rows(self, batch: Tensor) -> Tensor:
+        return batch
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def finish_gradients(self) -> None:
+        pass
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    reduce_counts = None  # expert-bias counts are this process's own
+
+    def mean(self, values: list[float]) -> list[float]:
+        return values
+
+    def sum(self, x: Tensor) -> Tensor:
+        return x
+
+    def save_checkpoint(self, run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
+        return save_checkpoint(
+            run_dir, step, model, {**state, "optimizer": optimizer.state_dict()}, keep_last=keep_last
+        )
+
+    def load_checkpoint(self, path: Path, model, optimizer) -> dict:
+        if checkpoint_layout(path) == "dcp":  # written by a torchrun launch: any world size loads it
+            from dlmoe.parallel.checkpoint import load_sharded_checkpoint
+
+            return load_sharded_checkpoint(path, model, optimizer, None)
+        state = load_checkpoint(path, model)
+        optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def save_model(self, model, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+    @contextlib.contextmanager
+    def guard(self, run_dir: Path) -> Iterator[None]:
+        yield
+
+
+class DistributedRuntime(LocalRuntime):
+    """A rank of a torchrun world (see `dlmoe.parallel`)."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.rank, self.world_size, self.is_main = state.rank, state.world_size, state.is_main
+        self.device = state.device
+        self.parallel_model = None
+
+    def setup(self, config, model: nn.Module) -> nn.Module:
+        from dlmoe.parallel import check_same_config, parallelize
+
+        check_same_config(config)
+        self.parallel_model = parallelize(model, self.state)
+        self.forward_module = self.parallel_model.forward_module
+        return self.parallel_model.module
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (tokenizer training, token cache), then the others reuse it."""
+        if self.is_main:
+            yield
+        self.state.barrier()
+        if not self.is_main:
+            yield
+
+    def local_rows(self, batch: Tensor) -> Tensor:
+        rows = batch.shape[0] // self.world_size
+        return batch[self.rank * rows : (self.rank + 1) * rows]
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return self.parallel_model.gradient_sync(enabled)
+
+    def finish_gradients(self) -> None:
+        self.parallel_model.sync_expert_gradients()
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        return self.parallel_model.clip_grad_norm_(max_norm)
+
+    def reduce_counts(self, counts: Tensor) -> Tensor:
+        return self.state.all_reduce_sum(counts)
+
+    def mean(self, values: list[float]) -> list[float]:
+        total = self.state.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.state.device))
+        return (total / self.world_size).tolist()
+
+    def sum(self, x: Tensor) -> Tensor:
+        return self.state.all_reduce_sum(x.to(self.state.device)).to(x.device)
+
+    def save_checkpoint(self, run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
+        from dlmoe.parallel.checkpoint import save_sharded_checkpoint
+
+        return save_sharded_checkpoint(run_dir, step, model, optimizer, state, self.state, keep_last=keep_last)
+
+    def load_checkpoint(self, path: Path, model, optimizer) -> dict:
+        from dlmoe.parallel.checkpoint import load_sharded_checkpoint
+
+        return load_sharded_checkpoint(path, model, optimizer, self.state)
+
+    def save_model(self, model, directory: Path) -> None:
+        """Rank 0 writes the single-process model (full experts): what `dlmoe sample` loads."""
+        from dlmoe.model.hf import DlmoeForDiffusionLM
+        from dlmoe.parallel.checkpoint import full_model_state
+
+        tensors = full_model_state(model, self.state)
+        if self.is_main:
+            with torch.device("meta"):
+                full = DlmoeForDiffusionLM(model.config)
+            full.load_state_dict(tensors, assign=True)
+            full.tie_weights()
+            full.save_pretrained(directory)
+        self.state.barrier()
+
+    @contextlib.contextmanager
+    def guard(self, run_dir: Path) -> Iterator[None]:
+        """Turn a failed or timed-out collective into a DistributedError that says what to do."""
+        from dlmoe.parallel import DistributedError
+
+        try:
+            yield
+        except (RuntimeError, OSError) as error:
+            if isinstance(error, DistributedError) or not _is_comm_failure(error):
+                raise
+            last = latest_checkpoint(run_dir)
+            where = f"the last complete checkpoint is {last}" if last else "no checkpoint was completed yet"
+            raise DistributedError(
+                f"rank {self.rank}/{self.world_size}: a collective failed or timed out after "
+                f"parallel.timeout_s={self.state.config.timeout_s:g} s — another rank probably died or hangs "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). {where.capitalize()}; "
+                "it loads at any world size: relaunch with --resume"
+            ) from error
+
+
+def _is_comm_failure(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "closed")
+    )
