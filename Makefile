@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-slow lint bench-moe bench-inference results clean
+.PHONY: install demo test test-fast test-slow lint bench-moe bench-inference bench-distributed results clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-moe: $(STAMP)
 
 bench-inference: $(STAMP)
 	$(BIN)/python bench/inference.py
+
+bench-distributed: $(STAMP)
+	$(BIN)/python bench/distributed.py
 
 # Regenerate docs/results.md: every paper claim at laptop scale (each ≤ 20 min on 2 CPU cores).
 # MCQ files are optional (examples: ../shared/data/benchmarks); set MCQ= to skip them.

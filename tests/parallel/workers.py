@@ -89,3 +89,32 @@ def dist_world() -> int:
     import os
 
     return int(os.environ["WORLD_SIZE"])
+
+
+def train(out: Path, overrides: list[str], rank_overrides: dict | None = None, die: dict | None = None) -> None:
+    """`dlmoe train` on this rank: overrides (+ this rank's own, to test a mismatch); `die` =
+    {"rank": r, "after_step": s}: that rank exits abruptly after step s (to test a dead rank)."""
+    import os
+
+    from dlmoe.config_io import load_run_config
+    from dlmoe.train import Trainer
+    from dlmoe.train.distributed import DistributedRuntime
+
+    rank = int(os.environ["RANK"])
+    extra = (rank_overrides or {}).get(str(rank), [])
+    resume = "--resume" in overrides
+    config = load_run_config(None, [o for o in overrides if o != "--resume"] + extra)
+    state = init_parallel(config.parallel, config.train.device)
+    trainer = Trainer(config, progress=False, runtime=DistributedRuntime(state), resume=resume)
+    if die is not None and rank == die["rank"]:
+        step = trainer.train_step
+
+        def train_step_then_die(**kwargs):
+            if trainer.step == die["after_step"]:
+                os._exit(3)
+            return step(**kwargs)
+
+        trainer.train_step = train_step_then_die
+    summary = trainer.fit()
+    if state.is_main:
+        (out / "summary.json").write_text(json.dumps({"steps": summary.steps, "val_loss": summary.val_loss}))

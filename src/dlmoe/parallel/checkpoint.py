@@ -20,6 +20,7 @@ every rank reads the full tensors and keeps its slice (`load_full_state`).
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,9 @@ def load_sharded_checkpoint(
     targets = sharded_state(model, optimizer, parallel)
     if layout == "dcp":
         _check_dcp_keys(path, targets)
-        dcp.load(targets, checkpoint_id=str(path / DCP_DIR), no_dist=parallel is None)
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, as asked
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(targets, checkpoint_id=str(path / DCP_DIR), no_dist=parallel is None)
         if optimizer is not None:
             _restore_hyperparameters(optimizer, state["optimizer_groups"])
     else:

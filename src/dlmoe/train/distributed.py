@@ -26,7 +26,11 @@ class LocalRuntime:
     device: torch.device | None = None  # None: train.device decides
     forward_module: nn.Module
 
-    def setup(self, config, model: nn.Module) -> nn.Module:
+    def check_config(self, config: dict) -> None:
+        """Fail (on every rank) when the ranks were given different configs."""
+
+    def setup(self, model: nn.Module) -> nn.Module:
+        """The model to train (parallelised); sets `forward_module`, what the training step calls."""
         self.forward_module = model
         return model
 
@@ -59,13 +63,15 @@ class LocalRuntime:
             run_dir, step, model, {**state, "optimizer": optimizer.state_dict()}, keep_last=keep_last
         )
 
-    def load_checkpoint(self, path: Path, model, optimizer) -> dict:
+    def load_checkpoint(self, path: Path, model, optimizer=None) -> dict:
+        """Model (and optimizer, when given) from a checkpoint of either layout; returns its state."""
         if checkpoint_layout(path) == "dcp":  # written by a torchrun launch: any world size loads it
             from dlmoe.parallel.checkpoint import load_sharded_checkpoint
 
             return load_sharded_checkpoint(path, model, optimizer, None)
         state = load_checkpoint(path, model)
-        optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
         return state
 
     def save_model(self, model, directory: Path) -> None:
@@ -85,10 +91,14 @@ class DistributedRuntime(LocalRuntime):
         self.device = state.device
         self.parallel_model = None
 
-    def setup(self, config, model: nn.Module) -> nn.Module:
-        from dlmoe.parallel import check_same_config, parallelize
+    def check_config(self, config: dict) -> None:
+        from dlmoe.parallel import check_same_config
 
         check_same_config(config)
+
+    def setup(self, model: nn.Module) -> nn.Module:
+        from dlmoe.parallel import parallelize
+
         self.parallel_model = parallelize(model, self.state)
         self.forward_module = self.parallel_model.forward_module
         return self.parallel_model.module
@@ -162,8 +172,8 @@ class DistributedRuntime(LocalRuntime):
             last = latest_checkpoint(run_dir)
             where = f"the last complete checkpoint is {last}" if last else "no checkpoint was completed yet"
             raise DistributedError(
-                f"rank {self.rank}/{self.world_size}: a collective failed or timed out after "
-                f"parallel.timeout_s={self.state.config.timeout_s:g} s — another rank probably died or hangs "
+                f"rank {self.rank}/{self.world_size}: a collective failed or timed out (parallel.timeout_s="
+                f"{self.state.config.timeout_s:g} s) — another rank probably died or hangs "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). {where.capitalize()}; "
                 "it loads at any world size: relaunch with --resume"
             ) from error

@@ -81,6 +81,7 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(config.run_dir)
         self.runtime = runtime = runtime or LocalRuntime()
+        runtime.check_config(run_config_to_dict(config))  # before anything is written
         self.progress = progress and runtime.is_main
         if config.train.batch_size % runtime.world_size:
             raise ValueError(
@@ -111,7 +112,7 @@ class Trainer:
         model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config)).to(self.device)
         if source is not None:
             source.load_weights(model)
-        self.model = runtime.setup(run_config_to_dict(self.config), model)
+        self.model = runtime.setup(model)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_lr_schedule(self.optimizer, self.config.train)
         self.noise_generator = torch.Generator().manual_seed(config.train.seed + 1)
