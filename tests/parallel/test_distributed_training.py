@@ -52,20 +52,31 @@ FP32 = {"train.dtype": "fp32", "train.steps": 4, "train.threads": 1}
         {"parallel.data_parallel": "ddp", "parallel.expert_parallel": 1},
         {"parallel.data_parallel": "ddp", "parallel.expert_parallel": 2},
         {"parallel.data_parallel": "fsdp", "parallel.expert_parallel": 2},
+        {"parallel.data_parallel": "fsdp", "parallel.expert_parallel": 2, "train.grad_accum": 2},
+        {  # loss-free balancing: the bias update must see the counts of all ranks
+            "parallel.expert_parallel": 2,
+            "model.moe.router.score": "sigmoid",
+            "model.moe.router.expert_bias": True,
+            "model.moe.router.bias_update_rate": 0.05,
+        },
     ],
-    ids=["ddp", "ddp+ep2", "fsdp+ep2"],
+    ids=["ddp", "ddp+ep2", "fsdp+ep2", "fsdp+ep2+grad_accum", "ddp+ep2+expert_bias"],
 )
 def test_data_parallel_training_matches_one_process(tmp_path, layout):
     """Same global batch, same noise: the loss curve and the final weights of one process (fp32)."""
-    reference = single(tmp_path, "one", **FP32)
-    (codes, out) = launch(tmp_path, "two", **FP32, **layout)
+    same = {k: v for k, v in layout.items() if not k.startswith("parallel.")}  # model and training settings
+    reference = single(tmp_path, "one", **FP32, **same)
+    codes, out = launch(tmp_path, "two", **FP32, **layout)
     assert_all_ok(codes, out)
     one, two = losses(reference), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-4, (one, two)
     w1, w2 = weights(reference), weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    # Adam divides by √v: a parameter with a tiny gradient turns reduction-order rounding into a visible
+    # update difference; 1e-3 is a tenth of one step's update (lr 1e-2)
+    worst = max(w1, key=lambda k: (w1[k] - w2[k]).abs().max().item())
+    assert (w1[worst] - w2[worst]).abs().max().item() < 1e-3, worst
 
 
 def test_expert_choice_group_pool_training_matches_one_process(tmp_path):

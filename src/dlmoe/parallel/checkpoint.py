@@ -162,7 +162,11 @@ def save_sharded_checkpoint(
     if error is not None:
         raise_save_failure(error, Path(tmp or run_dir), Path(final or run_dir), step)
     try:
-        dcp.save(sharded_state(model, optimizer, parallel), checkpoint_id=str(tmp / DCP_DIR))
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, as asked
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(
+                sharded_state(model, optimizer, parallel), checkpoint_id=str(tmp / DCP_DIR), no_dist=parallel is None
+            )
     except BaseException as exc:
         error = exc
     if parallel is not None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dlmoe.config import RunConfig
+from dlmoe.config_io import run_config_to_dict
 from dlmoe.train.checkpoint import checkpoint_layout, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -26,8 +28,8 @@ class LocalRuntime:
     device: torch.device | None = None  # None: train.device decides
     forward_module: nn.Module
 
-    def check_config(self, config: dict) -> None:
-        """Fail (on every rank) when the ranks were given different configs."""
+    def check_config(self, config: RunConfig) -> None:
+        """Fail (on every rank) when the ranks were given different configs or the layout does not fit."""
 
     def setup(self, model: nn.Module) -> nn.Module:
         """The model to train (parallelised); sets `forward_module`, what the training step calls."""
@@ -91,10 +93,17 @@ class DistributedRuntime(LocalRuntime):
         self.device = state.device
         self.parallel_model = None
 
-    def check_config(self, config: dict) -> None:
+    def check_config(self, config: RunConfig) -> None:
         from dlmoe.parallel import check_same_config
 
-        check_same_config(config)
+        check_same_config(run_config_to_dict(config))
+        ep = config.parallel.expert_parallel
+        num_experts = config.model.moe.router.num_experts if config.model.moe is not None else None
+        if num_experts is not None and num_experts % ep:
+            raise ValueError(
+                f"model.moe.router.num_experts={num_experts} is not divisible by parallel.expert_parallel={ep}; "
+                f"allowed: expert_parallel dividing {num_experts} (and the world size {self.world_size})"
+            )
 
     def setup(self, model: nn.Module) -> nn.Module:
         from dlmoe.parallel import parallelize

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmoe.config import RunConfig
-from dlmoe.config_io import run_config_to_dict, save_run_config
+from dlmoe.config_io import save_run_config
 from dlmoe.diffusion.loss import DiffusionLoss, loss_by_mask_ratio_bin, masked_diffusion_loss
 from dlmoe.diffusion.noise import NoisedBatch, add_mask_noise
 from dlmoe.model.flops import model_size
@@ -81,7 +81,7 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(config.run_dir)
         self.runtime = runtime = runtime or LocalRuntime()
-        runtime.check_config(run_config_to_dict(config))  # before anything is written
+        runtime.check_config(config)  # before anything is written
         self.progress = progress and runtime.is_main
         if config.train.batch_size % runtime.world_size:
             raise ValueError(
