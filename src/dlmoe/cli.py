@@ -163,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=routing_demo)
 
-    p = sub.add_parser("train", help="train a MoE diffusion LM")
+    p = sub.add_parser(
+        "train",
+        help="train a MoE diffusion LM",
+        description="Train a MoE diffusion LM. Launched by torchrun, every rank trains its rows of the global "
+        "batch (parallel.data_parallel=ddp|fsdp, parallel.expert_parallel=P; see the README).",
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest valid checkpoint")
     p.add_argument("--no-progress", action="store_true")
