@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dlmoe.cli_convert import add_convert_parser
 from dlmoe.cli_eval import add_eval_parser
 from dlmoe.cli_experiments import add_experiment_parsers
 from dlmoe.cli_sample import add_sample_parser
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=info)
 
     add_sample_parser(sub)
+    add_convert_parser(sub)
     add_experiment_parsers(sub)
     add_eval_parser(sub)
 

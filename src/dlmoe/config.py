@@ -53,6 +53,7 @@ class RouterConfig:
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.0
     expert_bias: bool = False
+    bias_in_gate: bool = False  # gates from the biased scores (LLaDA-MoE's in-place `p += b`)
     bias_update_rate: float = 1e-3
     n_group: int | None = None
     topk_group: int | None = None
@@ -79,12 +80,22 @@ class RouterConfig:
         check_float("router.bias_update_rate", self.bias_update_rate, low=0.0)
         check_float("router.routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
         self._check_groups()
+        if self.bias_in_gate and not self.expert_bias:
+            raise ValueError(
+                "router.bias_in_gate=true needs router.expert_bias=true (it puts that bias into the gates)"
+            )
         check_choice("router.pool", self.pool, POOLS)
         check_choice("router.select", self.select, SELECT)
         check_choice("router.gate", self.gate, GATES)
         self._check_schedule()
         if self.kind == "expert_choice":
-            tc_only = {"capacity_factor": None, "aux_loss_coef": 0.0, "expert_bias": False, "n_group": None}
+            tc_only = {
+                "capacity_factor": None,
+                "aux_loss_coef": 0.0,
+                "expert_bias": False,
+                "bias_in_gate": False,
+                "n_group": None,
+            }
             for name, neutral in tc_only.items():
                 if getattr(self, name) != neutral:
                     raise ValueError(

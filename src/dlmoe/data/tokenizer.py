@@ -78,8 +78,8 @@ def special_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int, int]:
     missing = [name for name, i in zip(("mask_token", "eos_token", "pad_token"), ids, strict=True) if i is None]
     if missing:
         raise ValueError(f"tokenizer must define mask_token, eos_token and pad_token; missing {missing}")
-    if len(set(ids)) != 3:
-        raise ValueError(f"tokenizer mask/eos/pad ids must be distinct, got {ids}")
+    if ids[0] in ids[1:]:  # pad may equal eos (LLaDA2's tokenizer); the mask must be its own token
+        raise ValueError(f"tokenizer mask id must differ from the eos and pad ids, got mask/eos/pad = {ids}")
     return ids  # type: ignore[return-value]
 
 

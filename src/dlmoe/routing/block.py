@@ -115,6 +115,7 @@ def block_route(
     topk_group: int | None = None,
     renormalize: bool = True,
     routed_scaling_factor: float = 1.0,
+    bias_in_gate: bool = False,
 ) -> Dispatch:
     """dMoE block routing on routing scores.
 
@@ -130,6 +131,7 @@ def block_route(
         n_group, topk_group: group-limited top-k inside the coreset (LLaDA2).
         renormalize: renormalise each token's gates over its chosen experts.
         routed_scaling_factor: multiplies the gates.
+        bias_in_gate: gates from the biased scores (LLaDA-MoE; see `token_choice`).
 
     Returns:
         Dispatch with `coreset_mask` [B, P, E] and `block_index` [L] set (and `block_size` for the
@@ -160,7 +162,8 @@ def block_route(
     expert_NK, valid_NK = route_topk_scores(
         scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group, allowed_NE=allowed_NE
     )
-    gate_NK = scores_NE.gather(1, expert_NK) * valid_NK
+    gate_source_NE = scores_NE + expert_bias.float() if bias_in_gate and expert_bias is not None else scores_NE
+    gate_NK = gate_source_NE.gather(1, expert_NK) * valid_NK
     if renormalize:
         gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
     if routed_scaling_factor != 1.0:

@@ -115,6 +115,7 @@ class TokenChoiceRouter(Router):
                 topk_group=c.topk_group,
                 renormalize=c.renormalize,
                 routed_scaling_factor=c.routed_scaling_factor,
+                bias_in_gate=c.bias_in_gate,
             )
         else:
             dispatch = token_choice(
@@ -130,6 +131,7 @@ class TokenChoiceRouter(Router):
                 aux_loss_coef=c.aux_loss_coef if self.training else 0.0,
                 z_loss_coef=c.z_loss_coef if self.training else 0.0,
                 valid=ctx.valid,
+                bias_in_gate=c.bias_in_gate,
             )
         if bias is not None and self.training:
             # counts of the valid tokens before any capacity drop, as in loss-free balancing

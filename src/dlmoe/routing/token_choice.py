@@ -115,6 +115,7 @@ def token_choice(
     aux_loss_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     valid: Tensor | None = None,
+    bias_in_gate: bool = False,
 ) -> Dispatch:
     """Token-choice top-k routing on router logits.
 
@@ -132,6 +133,8 @@ def token_choice(
         aux_loss_coef, z_loss_coef: weights of the Switch aux loss and the router z-loss.
         valid: [B, L] bool; padding (False) gets no slot and is left out of the capacity (N counts
             valid tokens), the losses and `requested_counts`.
+        bias_in_gate: the gates come from the biased scores s + b (LLaDA-MoE adds its expert bias
+            to the softmax probabilities in place, so the bias reaches the combine weights).
 
     Returns:
         Dispatch with slots sorted by expert; `aux_loss` holds the weighted router losses.
@@ -152,8 +155,8 @@ def token_choice(
     scores_NE = router_scores(logits_NE, score)
     expert_NK, _ = route_topk_scores(scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group)
 
-    # 2. gates from the unbiased scores
-    gate_NK = scores_NE.gather(1, expert_NK)
+    # 2. gates from the unbiased scores (biased: LLaDA-MoE)
+    gate_NK = _gate_scores(scores_NE, expert_bias, bias_in_gate).gather(1, expert_NK)
     if renormalize:
         gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
     if routed_scaling_factor != 1.0:
@@ -194,6 +197,11 @@ def token_choice(
         requested_counts=tokens_per_expert,
         valid=valid,
     )
+
+
+def _gate_scores(scores_NE: Tensor, expert_bias: Tensor | None, bias_in_gate: bool) -> Tensor:
+    """The scores gates are read from: s, or s + b with `bias_in_gate` (LLaDA-MoE)."""
+    return scores_NE + expert_bias.float() if bias_in_gate and expert_bias is not None else scores_NE
 
 
 def _keep_top_capacity(expert_NK: Tensor, gate_NK: Tensor, num_experts: int, capacity: int) -> Tensor:

@@ -102,9 +102,16 @@ class Trainer:
         with runtime.main_first():  # rank 0 trains the tokenizer and fills the token cache
             self.data: RunData = prepare_data(config, self.run_dir, tokenizer_from=tokenizer_from)
         mask_id, eos_id, pad_id = self.data.special_ids
-        model_config = replace(
-            config.model, vocab_size=len(self.data.tokenizer), mask_id=mask_id, eos_id=eos_id, pad_id=pad_id
-        )
+        vocab_size = len(self.data.tokenizer)
+        if source is not None:  # the source's embedding rows and ids decide (an imported model pads its vocab)
+            weights = source.config.model
+            vocab_size, mask_id, eos_id, pad_id = weights.vocab_size, weights.mask_id, weights.eos_id, weights.pad_id
+            if len(self.data.tokenizer) > vocab_size:
+                raise ValueError(
+                    f"the tokenizer of train.init_from has {len(self.data.tokenizer)} tokens, more than the model's "
+                    f"{vocab_size} embedding rows"
+                )
+        model_config = replace(config.model, vocab_size=vocab_size, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
         self.config = replace(config, model=model_config)
         if runtime.is_main:
             save_run_config(self.config, self.run_dir / "config.json")
