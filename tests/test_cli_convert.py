@@ -73,7 +73,8 @@ def test_import_writes_a_run_folder(imported):
 
 def test_block_routing_samples_from_the_imported_model(imported, capsys):
     _, run = imported
-    args = ["sample", "--run", str(run), "--no-progress", "--prompt", "The queen", "--gen-length", "16", "--steps", "16", "--block-length", "8"]
+    args = ["sample", "--run", str(run), "--no-progress", "--prompt", "The queen"]
+    args += ["--gen-length", "16", "--steps", "16", "--block-length", "8"]
     assert main([*args, "--block-routing", "top_p=0.5,guard=2", "--cache", "exact"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     stats = lines[-1]["stats"]
