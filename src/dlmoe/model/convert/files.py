@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,10 @@ class CheckpointFiles:
 
     def __init__(self, folder: Path, config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
         self.folder, self.config, self.tensors = folder, config, tensors
-        self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
+        self._unread: dict[str, set[str]] = {}
+        for name, info in tensors.items():
+            self._unread.setdefault(info.file, set()).add(name)
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> CheckpointFiles:
@@ -70,14 +71,21 @@ class CheckpointFiles:
         return cls(folder, config, _tensor_directory(folder))
 
     def read(self, name: str) -> Tensor:
-        """One tensor, memory-mapped from its shard (a view of the file until copied)."""
-        info = self.tensors[name]
-        if info.file not in self._handles:
-            self._handles[info.file] = self._stack.enter_context(safe_open(self.folder / info.file, framework="pt"))
-        return self._handles[info.file].get_tensor(name)
+        """One tensor from its memory-mapped shard. A shard is unmapped once all its tensors were
+        read, so the mapped file pages of at most the shards in use count towards the process."""
+        file = self.tensors[name].file
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.folder / file, framework="pt").__enter__()
+        tensor = self._handles[file].get_tensor(name)
+        unread = self._unread[file]
+        unread.discard(name)
+        if not unread:
+            self._handles.pop(file).__exit__(None, None, None)
+        return tensor
 
     def close(self) -> None:
-        self._stack.close()
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
         self._handles.clear()
 
     def __enter__(self) -> CheckpointFiles:
