@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from dlmoe._checks import check_float
 from dlmoe.config import BlockRoutingConfig
 from dlmoe.sampling import CACHE_MODES, CapacityPolicy
@@ -87,6 +89,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--stop-at-eos", dest="stop_at_eos", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the model runs")
+    p.add_argument("--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="weight dtype at run time")
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(func=sample)
 
@@ -95,12 +99,14 @@ def sample(args: argparse.Namespace) -> None:
     """Generate from a trained run; all input is checked before the model runs."""
     from dlmoe.config import SampleConfig
     from dlmoe.inference import read_run_config, sample_text
+    from dlmoe.train.trainer import resolve_device
 
     block_routing = block_routing_option(args.block_routing)
     capacity = capacity_option(args.capacity)
     if args.threshold is not None:
         check_float("--threshold", args.threshold, low=0.0, high=1.0, low_open=True)
     check_float("--cfg", args.cfg_scale, low=0.0)
+    device = resolve_device(args.device)
     prompts = read_batch_file(args.batch_file) if args.batch_file else None
     base = read_run_config(args.run).sample
     fields = {k: v for k, v in vars(args).items() if k in SampleConfig.__dataclass_fields__ and v is not None}
@@ -118,6 +124,8 @@ def sample(args: argparse.Namespace) -> None:
         capacity=capacity,
         stop_at_eos=args.stop_at_eos,
         progress=not args.no_progress,
+        device=device,
+        dtype={"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype],
     )
     for prompt, text in zip(output.prompts, output.texts, strict=True):
         print(json.dumps({"prompt": prompt, "text": text}))

@@ -63,10 +63,14 @@ def sample_text(
     capacity: CapacityPolicy | None = None,
     stop_at_eos: bool = False,
     progress: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> SampleOutput:
     """Generate from a trained run: each prompt (default: the config's) `num_samples` times, as one
-    left-padded batch. Options are those of `dlmoe.sampling.generate`."""
+    left-padded batch, on `device` (weights cast to `dtype` when given). Options are those of
+    `dlmoe.sampling.generate`."""
     config, model, tokenizer = load_run(run_dir)
+    model = model.to(device=device, dtype=dtype)
     s = sample or config.sample
     prompts = [s.prompt] if prompts is None else prompts
     rows = [p for p in prompts for _ in range(s.num_samples)]
