@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,4 +53,9 @@ def convert(args: argparse.Namespace) -> None:
     out = export_checkpoint(
         model, args.out, format=args.export, source_config=source_config, max_shard_bytes=int(args.max_shard_gb * 2**30)
     )
+    tokenizer_dir = source / "tokenizer"
+    if (tokenizer_dir / "tokenizer.json").is_file():  # a checkpoint travels with its tokenizer (and mask token)
+        for file in tokenizer_dir.iterdir():
+            if file.is_file():
+                shutil.copyfile(file, out / file.name)
     print(json.dumps({"exported": str(source), "format": args.export, "out": str(out)}))

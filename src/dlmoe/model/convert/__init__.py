@@ -159,8 +159,18 @@ def export_checkpoint(
 
     write_shards(out, tensors(), max_shard_bytes)
     hf_config = source_config if source_config is not None else fmt.hf_config(config)
+    hf_config = _with_dtype(hf_config, state)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
+
+
+def _with_dtype(hf_config: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Any]:
+    """config.json's dtype entry (`torch_dtype`, or v5's `dtype`), where it has one, set to the weights'."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        return hf_config
+    name = str(dtypes.pop()).removeprefix("torch.")
+    return hf_config | {k: name for k in ("torch_dtype", "dtype") if k in hf_config}
 
 
 def _check_source_config(fmt: ModuleType, source: dict[str, Any], config, name: str) -> None:

@@ -45,10 +45,15 @@ def _first_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def special_ids(config: dict[str, Any], folder: Path, mask_id: int | None) -> tuple[int, int | None, int | None]:
+def special_ids(
+    config: dict[str, Any], folder: Path, mask_id: int | None, *, eos_is_pad: bool = False
+) -> tuple[int, int | None, int | None]:
     """(mask, eos, pad) ids: mask from the argument, config.json's `mask_token_id`, or the folder's
-    tokenizer (`<|mask|>`, LLaDA's mask token); eos / pad from config.json."""
+    tokenizer (`<|mask|>`, LLaDA's mask token); eos / pad from config.json. `eos_is_pad`: without an
+    `eos_token_id`, eos is the pad id (LLaDA2's config lists only pad_token_id = its eos)."""
     eos, pad = _first_id(config.get("eos_token_id")), _first_id(config.get("pad_token_id"))
+    if eos is None and eos_is_pad:
+        eos = pad
     if mask_id is None:
         mask_id = _first_id(config.get("mask_token_id"))
     if mask_id is None:

@@ -56,7 +56,7 @@ def model_config(config: dict[str, Any], *, block_size: int, mask_id: int | None
     shared = config_int(config, "num_shared_experts", default=0)
     expert_hidden = config_int(config, "moe_intermediate_size")
     heads = config_int(config, "num_attention_heads")
-    mask, eos, pad = special_ids(config, folder, mask_id)
+    mask, eos, pad = special_ids(config, folder, mask_id, eos_is_pad=True)
     return ModelConfig(
         vocab_size=config_int(config, "vocab_size"),
         dim=config_int(config, "hidden_size"),
@@ -129,6 +129,7 @@ def hf_config(mc: ModelConfig) -> dict[str, Any]:
     return {
         "architectures": ["LLaDA2MoeModelLM"],
         "model_type": "llada2_moe",
+        "torch_dtype": "float32",  # set to the weights' dtype on export
         "vocab_size": mc.vocab_size,
         "hidden_size": mc.dim,
         "num_hidden_layers": mc.num_layers,

@@ -141,6 +141,7 @@ def hf_config(mc: ModelConfig) -> dict[str, Any]:
     return {
         "architectures": ["LLaDAMoEModelLM"],
         "model_type": "lladamoe",
+        "torch_dtype": "float32",  # set to the weights' dtype on export
         "vocab_size": mc.vocab_size,
         "hidden_size": mc.dim,
         "num_hidden_layers": mc.num_layers,
