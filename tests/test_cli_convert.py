@@ -14,6 +14,7 @@ from dlmoe.data import train_tokenizer
 from dlmoe.data.corpus import resolve_corpus
 from dlmoe.model.convert import export_checkpoint
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
+from tests.model.convert import tiny_checkpoints as tiny
 
 TEXT = "\n\n".join(f"The queen of {i % 9} seas speaks to the king of {i % 7} stars." for i in range(300))
 
@@ -111,8 +112,13 @@ def test_convert_refuses_bad_input(tmp_path, capsys, imported):
 
 
 @pytest.mark.slow
-def test_retrofit_runs_on_the_imported_model(imported, tmp_path, capsys):
-    _, run = imported
+@pytest.mark.parametrize("kind", ["llada2_moe", "lladamoe"])
+def test_retrofit_runs_on_the_imported_model(imported, tmp_path, capsys, kind):
+    run = imported[1]
+    if kind == "lladamoe":  # softmax, expert bias inside the gates, a shared expert
+        checkpoint = tiny.write_lladamoe(tmp_path / "lladamoe", expert_bias=True, shared_width=12)
+        assert main(["convert", str(checkpoint), "--out", str(tmp_path / "run")]) == 0
+        run = tmp_path / "run"
     code = main(["retrofit", "--from", str(run), "--out", str(tmp_path / "retrofit"), "--steps", "2", "--seeds", "1"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])["summary"]

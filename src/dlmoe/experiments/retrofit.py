@@ -57,6 +57,7 @@ TC_ONLY = (
     "capacity_factor",
     "aux_loss_coef",
     "expert_bias",
+    "bias_in_gate",
     "bias_update_rate",
     "n_group",
     "topk_group",
