@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from dlmoe.model.convert.files import CheckpointError
-from dlmoe.model.convert.layout import RowGroup, same
 
 MASK_TOKEN = "<|mask|>"
 
@@ -77,15 +76,4 @@ def _tokenizer_token_id(folder: Path, token: str) -> int | None:
     return next((t.get("id") for t in added if isinstance(t, dict) and t.get("content") == token), None)
 
 
-def swiglu_group(ours: str, theirs: str, hidden: int, dim: int) -> list[RowGroup]:
-    """A SwiGLU MLP: our fused `gate_up_proj` [2F, D] ↔ their gate_proj, up_proj; down ↔ down."""
-    return [
-        RowGroup(
-            (ours + "gate_up_proj.weight",),
-            ((theirs + "gate_proj.weight", (hidden, dim)), (theirs + "up_proj.weight", (hidden, dim))),
-        ),
-        same(ours + "down_proj.weight", theirs + "down_proj.weight", (dim, hidden)),
-    ]
-
-
-__all__ = ["CheckpointError", "config_int", "leading_dense_layers", "require", "special_ids", "swiglu_group"]
+__all__ = ["CheckpointError", "config_int", "leading_dense_layers", "require", "special_ids"]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dlmoe.config import ModelConfig
+
 
 @dataclass(frozen=True)
 class RowGroup:
@@ -65,3 +67,62 @@ def split_ours(group: RowGroup, state: dict[str, Tensor]) -> Iterator[tuple[str,
         yield name, flat[start : start + count].reshape(shape)
         start += count
     assert start == flat.shape[0], f"row counts differ in {group}"
+
+
+def swiglu_group(ours: str, theirs: str, hidden: int, dim: int) -> list[RowGroup]:
+    """A SwiGLU MLP: our fused `gate_up_proj` [2F, D] ↔ their gate_proj, up_proj; down ↔ down."""
+    return [
+        RowGroup(
+            (ours + "gate_up_proj.weight",),
+            ((theirs + "gate_proj.weight", (hidden, dim)), (theirs + "up_proj.weight", (hidden, dim))),
+        ),
+        same(ours + "down_proj.weight", theirs + "down_proj.weight", (dim, hidden)),
+    ]
+
+
+def expert_groups(ours: str, theirs: str, experts: int, hidden: int, dim: int) -> list[RowGroup]:
+    """Stacked `gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F] ↔ per-expert gate/up/down."""
+    gate_up = tuple(
+        (f"{theirs}{e}.{part}_proj.weight", (hidden, dim)) for e in range(experts) for part in ("gate", "up")
+    )
+    down = tuple((f"{theirs}{e}.down_proj.weight", (dim, hidden)) for e in range(experts))
+    return [RowGroup((ours + "gate_up_proj",), gate_up), RowGroup((ours + "down_proj",), down)]
+
+
+@dataclass(frozen=True)
+class DecoderNames:
+    """Where a format keeps what differs between LLaDA-MoE and LLaDA2 (names relative to a layer)."""
+
+    embed: str  # the token embedding
+    attention: Callable[[ModelConfig, str, str], list[RowGroup]]  # (config, our layer, their layer) → groups
+    expert_bias: str
+    shared_experts: str
+
+
+def decoder_layout(mc: ModelConfig, names: DecoderNames) -> list[RowGroup]:
+    """Row groups of a pre-norm MoE decoder: embedding, per layer (norms, attention, dense SwiGLU or
+    router + bias + experts + shared experts), final norm, untied head."""
+    dim, vocab = mc.dim, mc.vocab_size
+    groups = [same("model.embed_tokens.weight", names.embed, (vocab, dim))]
+    for i in range(mc.num_layers):
+        ours, theirs = f"model.layers.{i}.", f"model.layers.{i}."
+        groups += [
+            same(ours + "attn_norm.weight", theirs + "input_layernorm.weight", (dim,)),
+            *names.attention(mc, ours, theirs),
+            same(ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight", (dim,)),
+        ]
+        if not mc.is_moe_layer(i):
+            groups += swiglu_group(ours + "ffn.", theirs + "mlp.", mc.dense_hidden, dim)
+            continue
+        moe = mc.moe
+        experts = moe.router.num_experts
+        groups.append(same(ours + "ffn.router.weight", theirs + "mlp.gate.weight", (experts, dim)))
+        if moe.router.expert_bias:
+            groups.append(same(ours + "ffn.router.expert_bias", theirs + names.expert_bias, (experts,)))
+        groups += expert_groups(ours + "ffn.experts.", theirs + "mlp.experts.", experts, moe.expert_hidden, dim)
+        if moe.shared_width:
+            groups += swiglu_group(ours + "ffn.shared_experts.", theirs + names.shared_experts, moe.shared_width, dim)
+    groups.append(same("model.norm.weight", "model.norm.weight", (dim,)))
+    if not mc.tie_embeddings:
+        groups.append(same("model.lm_head.weight", "lm_head.weight", (vocab, dim)))
+    return groups

@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from dlmoe.config import ModelConfig, MoEConfig, RouterConfig
-from dlmoe.model.convert.common import CheckpointError, config_int, require, special_ids, swiglu_group
-from dlmoe.model.convert.layout import RowGroup, same
-from dlmoe.model.convert.llada_moe import expert_groups
+from dlmoe.model.convert.common import CheckpointError, config_int, require, special_ids
+from dlmoe.model.convert.layout import DecoderNames, RowGroup, decoder_layout, same
 
 NAME = "llada2_moe"
 MODEL_TYPES = ("llada2_moe",)
@@ -86,42 +85,33 @@ def model_config(config: dict[str, Any], *, block_size: int, mask_id: int | None
     )
 
 
-def layout(mc: ModelConfig) -> list[RowGroup]:
-    dim, head, vocab = mc.dim, mc.head_size, mc.vocab_size
-    groups = [same("model.embed_tokens.weight", "model.word_embeddings.weight", (vocab, dim))]
-    fused_rows = (mc.num_heads + 2 * mc.kv_heads) * head
-    for i in range(mc.num_layers):
-        ours, theirs = f"model.layers.{i}.", f"model.layers.{i}."
-        att = theirs + "attention."
+def _attention(mc: ModelConfig, ours: str, theirs: str) -> list[RowGroup]:
+    """The fused query_key_value (rows q | k | v) and `dense` output under `attention`, per-head norms."""
+    dim, head, att = mc.dim, mc.head_size, theirs + "attention."
+    fused = ((att + "query_key_value.weight", ((mc.num_heads + 2 * mc.kv_heads) * head, dim)),)
+    groups = [
+        RowGroup(tuple(ours + f"attn.{p}_proj.weight" for p in "qkv"), fused),
+        same(ours + "attn.o_proj.weight", att + "dense.weight", (dim, mc.num_heads * head)),
+    ]
+    if mc.qk_norm:
         groups += [
-            same(ours + "attn_norm.weight", theirs + "input_layernorm.weight", (dim,)),
-            RowGroup(
-                tuple(ours + f"attn.{p}_proj.weight" for p in "qkv"),
-                ((att + "query_key_value.weight", (fused_rows, dim)),),
-            ),
-            same(ours + "attn.o_proj.weight", att + "dense.weight", (dim, mc.num_heads * head)),
-            same(ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight", (dim,)),
+            same(ours + "attn.q_norm.weight", att + "query_layernorm.weight", (head,)),
+            same(ours + "attn.k_norm.weight", att + "key_layernorm.weight", (head,)),
         ]
-        if mc.qk_norm:
-            groups += [
-                same(ours + "attn.q_norm.weight", att + "query_layernorm.weight", (head,)),
-                same(ours + "attn.k_norm.weight", att + "key_layernorm.weight", (head,)),
-            ]
-        if not mc.is_moe_layer(i):
-            groups += swiglu_group(ours + "ffn.", theirs + "mlp.", mc.dense_hidden, dim)
-            continue
-        moe = mc.moe
-        experts = moe.router.num_experts
-        groups.append(same(ours + "ffn.router.weight", theirs + "mlp.gate.weight", (experts, dim)))
-        if moe.router.expert_bias:
-            groups.append(same(ours + "ffn.router.expert_bias", theirs + "mlp.gate.expert_bias", (experts,)))
-        groups += expert_groups(ours + "ffn.experts.", theirs + "mlp.experts.", experts, moe.expert_hidden, dim)
-        if moe.shared_width:
-            groups += swiglu_group(ours + "ffn.shared_experts.", theirs + "mlp.shared_experts.", moe.shared_width, dim)
-    groups.append(same("model.norm.weight", "model.norm.weight", (dim,)))
-    if not mc.tie_embeddings:
-        groups.append(same("model.lm_head.weight", "lm_head.weight", (vocab, dim)))
     return groups
+
+
+NAMES = DecoderNames(
+    embed="model.word_embeddings.weight",
+    attention=_attention,
+    expert_bias="mlp.gate.expert_bias",
+    shared_experts="mlp.shared_experts.",
+)
+
+
+def layout(mc: ModelConfig) -> list[RowGroup]:
+    """Row groups of every tensor: ours ↔ the checkpoint's names and shapes."""
+    return decoder_layout(mc, NAMES)
 
 
 def hf_config(mc: ModelConfig) -> dict[str, Any]:

@@ -14,15 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from dlmoe.config import ModelConfig, MoEConfig, RouterConfig
-from dlmoe.model.convert.common import (
-    CheckpointError,
-    config_int,
-    leading_dense_layers,
-    require,
-    special_ids,
-    swiglu_group,
-)
-from dlmoe.model.convert.layout import RowGroup, same
+from dlmoe.model.convert.common import CheckpointError, config_int, leading_dense_layers, require, special_ids
+from dlmoe.model.convert.layout import DecoderNames, RowGroup, decoder_layout, same
 
 NAME = "lladamoe"
 MODEL_TYPES = ("lladamoe", "llada")  # "llada" is what the Hub's LLaDA-MoE config says (clashes with dense LLaDA)
@@ -89,50 +82,34 @@ def model_config(config: dict[str, Any], *, block_size: int, mask_id: int | None
     )
 
 
-def layout(mc: ModelConfig) -> list[RowGroup]:
-    """Row groups of every tensor: ours (left) ↔ the checkpoint's names and shapes (right)."""
-    dim, head, vocab = mc.dim, mc.head_size, mc.vocab_size
-    groups = [same("model.embed_tokens.weight", "model.embed_tokens.weight", (vocab, dim))]
-    for i in range(mc.num_layers):
-        ours, theirs = f"model.layers.{i}.", f"model.layers.{i}."
-        att = theirs + "self_attn."
+def _attention(mc: ModelConfig, ours: str, theirs: str) -> list[RowGroup]:
+    """Separate q / k / v / o projections under `self_attn`, per-head q_norm / k_norm."""
+    dim, head, att = mc.dim, mc.head_size, theirs + "self_attn."
+    groups = [
+        same(ours + "attn.q_proj.weight", att + "q_proj.weight", (mc.num_heads * head, dim)),
+        same(ours + "attn.k_proj.weight", att + "k_proj.weight", (mc.kv_heads * head, dim)),
+        same(ours + "attn.v_proj.weight", att + "v_proj.weight", (mc.kv_heads * head, dim)),
+        same(ours + "attn.o_proj.weight", att + "o_proj.weight", (dim, mc.num_heads * head)),
+    ]
+    if mc.qk_norm:
         groups += [
-            same(ours + "attn_norm.weight", theirs + "input_layernorm.weight", (dim,)),
-            same(ours + "attn.q_proj.weight", att + "q_proj.weight", (mc.num_heads * head, dim)),
-            same(ours + "attn.k_proj.weight", att + "k_proj.weight", (mc.kv_heads * head, dim)),
-            same(ours + "attn.v_proj.weight", att + "v_proj.weight", (mc.kv_heads * head, dim)),
-            same(ours + "attn.o_proj.weight", att + "o_proj.weight", (dim, mc.num_heads * head)),
-            same(ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight", (dim,)),
+            same(ours + "attn.q_norm.weight", att + "q_norm.weight", (head,)),
+            same(ours + "attn.k_norm.weight", att + "k_norm.weight", (head,)),
         ]
-        if mc.qk_norm:
-            groups += [
-                same(ours + "attn.q_norm.weight", att + "q_norm.weight", (head,)),
-                same(ours + "attn.k_norm.weight", att + "k_norm.weight", (head,)),
-            ]
-        if not mc.is_moe_layer(i):
-            groups += swiglu_group(ours + "ffn.", theirs + "mlp.", mc.dense_hidden, dim)
-            continue
-        moe = mc.moe
-        experts = moe.router.num_experts
-        groups.append(same(ours + "ffn.router.weight", theirs + "mlp.gate.weight", (experts, dim)))
-        if moe.router.expert_bias:
-            groups.append(same(ours + "ffn.router.expert_bias", theirs + "mlp.expert_bias", (experts,)))
-        groups += expert_groups(ours + "ffn.experts.", theirs + "mlp.experts.", experts, moe.expert_hidden, dim)
-        if moe.shared_width:
-            groups += swiglu_group(ours + "ffn.shared_experts.", theirs + "shared_expert.", moe.shared_width, dim)
-    groups.append(same("model.norm.weight", "model.norm.weight", (dim,)))
-    if not mc.tie_embeddings:
-        groups.append(same("model.lm_head.weight", "lm_head.weight", (vocab, dim)))
     return groups
 
 
-def expert_groups(ours: str, theirs: str, experts: int, hidden: int, dim: int) -> list[RowGroup]:
-    """Stacked `gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F] ↔ per-expert gate/up/down."""
-    gate_up = tuple(
-        (f"{theirs}{e}.{part}_proj.weight", (hidden, dim)) for e in range(experts) for part in ("gate", "up")
-    )
-    down = tuple((f"{theirs}{e}.down_proj.weight", (dim, hidden)) for e in range(experts))
-    return [RowGroup((ours + "gate_up_proj",), gate_up), RowGroup((ours + "down_proj",), down)]
+NAMES = DecoderNames(
+    embed="model.embed_tokens.weight",
+    attention=_attention,
+    expert_bias="mlp.expert_bias",
+    shared_experts="shared_expert.",  # on the layer, not under mlp
+)
+
+
+def layout(mc: ModelConfig) -> list[RowGroup]:
+    """Row groups of every tensor: ours ↔ the checkpoint's names and shapes."""
+    return decoder_layout(mc, NAMES)
 
 
 def hf_config(mc: ModelConfig) -> dict[str, Any]:
