@@ -124,3 +124,22 @@ def test_retrofit_runs_on_the_imported_model(imported, tmp_path, capsys, kind):
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])["summary"]
     assert abs(summary["swap_cost"]["mean"]) < 0.5  # swapping only the router keeps the model
     assert summary["per_arm"]["load_max_over_mean"]["ec"]["mean"] == 1.0
+
+
+def test_a_fine_tuned_import_exports_with_the_original_config(imported, tmp_path, capsys):
+    """The export of a run fine-tuned from an import writes the checkpoint's own config.json (found by
+    following train.init_from back to the import), with the fine-tuned weights."""
+    checkpoint, run = imported
+    tuned = tmp_path / "tuned"
+    args = ["finetune", "--from", str(run), f"run_dir={tuned}", "train.steps=1", "train.batch_size=2"]
+    args += ["data.seq_len=32", "train.eval_every=1", "train.eval_batches=1", "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = tmp_path / "exported"
+    assert main(["convert", str(tuned), "--export", "llada2_moe", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((checkpoint / "config.json").read_text())
+    assert config.pop("torch_dtype") == "float32" and original.pop("torch_dtype") == "bfloat16"  # trained in fp32
+    assert config == original
+    before, after = tensors(checkpoint), tensors(out)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k].float(), after[k]) for k in before)  # the weights moved

@@ -66,9 +66,21 @@ def _tokenizer(source: Path, model_config) -> PreTrainedTokenizerFast | None:
     return tokenizer
 
 
-def imported_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(run_dir) / IMPORTED_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def imported_record(run_dir: str | os.PathLike, *, max_depth: int = 16) -> dict[str, Any] | None:
+    """The import record of a run, or of the run it was fine-tuned from (`train.init_from`, followed back)."""
+    run = Path(run_dir)
+    for _ in range(max_depth):
+        path = run / IMPORTED_FILE
+        if path.is_file():
+            return json.loads(path.read_text())
+        try:
+            source = json.loads((run / "config.json").read_text())["train"].get("init_from")
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        if not source:
+            return None
+        run = Path(source)
+    return None
 
 
 __all__ = ["IMPORTED_FILE", "imported_record", "write_run_folder"]
