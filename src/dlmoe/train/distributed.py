@@ -122,6 +122,8 @@ class DistributedRuntime(LocalRuntime):
             yield
 
     def local_rows(self, batch: Tensor) -> Tensor:
+        """This rank's equal share of the rows (training batches divide evenly; the remainder of a
+        short last validation batch is left out, the same rows on every rank)."""
         rows = batch.shape[0] // self.world_size
         return batch[self.rank * rows : (self.rank + 1) * rows]
 

@@ -101,6 +101,11 @@ class Trainer:
         tokenizer_from = source.tokenizer_dir if source is not None else None
         with runtime.main_first():  # rank 0 trains the tokenizer and fills the token cache
             self.data: RunData = prepare_data(config, self.run_dir, tokenizer_from=tokenizer_from)
+        if max(len(b) for b in self.data.validation_batches) < runtime.world_size:
+            raise ValueError(
+                f"the validation split has fewer rows than the {runtime.world_size} ranks; raise "
+                "data.validation_fraction or train.eval_batches, or launch fewer processes"
+            )
         mask_id, eos_id, pad_id = self.data.special_ids
         vocab_size = len(self.data.tokenizer)
         if source is not None:  # the source's embedding rows and ids decide (an imported model pads its vocab)
@@ -262,6 +267,8 @@ class Trainer:
             torch.zeros(NUM_BINS, dtype=torch.float64),
         )
         for batch in self.data.validation_batches:
+            if batch.shape[0] < self.runtime.world_size:  # a short last batch: no row for some rank
+                continue
             diff, _, _, noised = self._loss(batch, generator, weighting="elbo", validation=True)
             losses.append(diff.loss.item())
             bin_ce, bin_n = loss_by_mask_ratio_bin(diff.token_ce.cpu(), noised.masked, noised.mask_ratio, NUM_BINS)
