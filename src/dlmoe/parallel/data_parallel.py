@@ -105,13 +105,15 @@ class ParallelModel:
 
 
 def parallelize(model: nn.Module, state: ParallelState) -> ParallelModel:
-    """Expert parallelism (when `parallel.expert_parallel` > 1), then DDP or FSDP2, in place."""
+    """Expert parallelism (when `parallel.expert_parallel` > 1), then the move to this rank's device,
+    then DDP or FSDP2; in place. Build the model on the CPU: the device gets only this rank's part."""
     config = state.config
     stats = CommStats()
     if config.expert_parallel > 1:
         apply_expert_parallel(
             model, state.ep_group, state.ep_rank, config.expert_parallel, ec_pool=config.ec_pool, stats=stats
         )
+    model.to(state.device)  # after sharding: the device holds only this rank's experts
     experts = {p for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters(recurse=False)}
     if config.data_parallel == "ddp":
         ignored = [name for name, p in model.named_parameters() if p in experts]

@@ -31,10 +31,10 @@ class LocalRuntime:
     def check_config(self, config: RunConfig) -> None:
         """Fail (on every rank) when the ranks were given different configs or the layout does not fit."""
 
-    def setup(self, model: nn.Module) -> nn.Module:
-        """The model to train (parallelised); sets `forward_module`, what the training step calls."""
-        self.forward_module = model
-        return model
+    def setup(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model to train, on `device` (parallelised); sets `forward_module`, what a step calls."""
+        self.forward_module = model.to(device)
+        return self.forward_module
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -105,8 +105,8 @@ class DistributedRuntime(LocalRuntime):
                 f"allowed: expert_parallel dividing {num_experts} (and the world size {self.world_size})"
             )
 
-    def setup(self, model: nn.Module) -> nn.Module:
-        from dlmoe.parallel import parallelize
+    def setup(self, model: nn.Module, device: torch.device) -> nn.Module:
+        from dlmoe.parallel import parallelize  # moves the model to this rank's device after sharding
 
         self.parallel_model = parallelize(model, self.state)
         self.forward_module = self.parallel_model.forward_module

@@ -121,10 +121,11 @@ class Trainer:
         if runtime.is_main:
             save_run_config(self.config, self.run_dir / "config.json")
         # every rank builds the whole model from the same seed; parallelising keeps each rank's part
-        model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config)).to(self.device)
+        # (on the CPU: a rank's device receives only its part, after the experts are sharded)
+        model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config))
         if source is not None:
             source.load_weights(model)
-        self.model = runtime.setup(model)
+        self.model = runtime.setup(model, self.device)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_lr_schedule(self.optimizer, self.config.train)
         self.noise_generator = torch.Generator().manual_seed(config.train.seed + 1)
