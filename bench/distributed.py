@@ -14,7 +14,8 @@ Prints a meta line, then one JSON object per case:
     case, router, expert_parallel, world_size, data_parallel, dtype, device, tokens (global per step),
     steps, step_ms_mean, step_ms_std, step_ms_median, tokens_per_s, all_to_all_ms_per_step,
     all_to_all_fraction, all_to_all_calls_per_step, all_to_all_mb_per_step, rank_load_max_over_mean,
-    rank_load_basis, expert_load_max_over_mean, realized_k, loss
+    rank_load_basis, expert_load_max_over_mean, realized_k, loss, param_mib_per_rank,
+    expert_param_mib_per_rank (the largest rank's parameters, local shards only; AdamW adds 2×)
 then summary objects ({"summary": true, "comparison": ...}):
     ep2_over_ep1       per router: tokens_per_s_ep2_over_ep1 (> 1: sharding the experts pays off)
     ec_over_tc_at_ep2  ec_over_tc_step_time_at_ep2 (= EC step time / TC step time, < 1: EC faster), with
@@ -136,6 +137,7 @@ def worker(args: argparse.Namespace) -> None:
         model = DiffusionTransformer(config)
         pmodel = parallelize(model, state)
         params = [p for p in pmodel.module.parameters() if p.requires_grad]
+        memory = parameter_mib(pmodel)
         optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
         autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
         stats = pmodel.comm_stats
@@ -192,11 +194,28 @@ def worker(args: argparse.Namespace) -> None:
         dist.all_reduce(global_counts)  # Σ over ranks: rows per global expert
         mean_loss = loss.double().reshape(1)
         dist.all_reduce(mean_loss)
+        largest = torch.tensor([memory["param_mib"], memory["expert_param_mib"]], dtype=torch.float64)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         if state.is_main:
             row = summarize(args, slowest, global_counts, calls, nbytes, float(mean_loss) / state.world_size)
+            row |= {"param_mib_per_rank": largest[0].item(), "expert_param_mib_per_rank": largest[1].item()}
             print(json.dumps(row | {"worker_result": True, "malloc_tuned": facts["malloc_tuned"]}), flush=True)
     finally:
         shutdown()
+
+
+def parameter_mib(pmodel) -> dict[str, float]:
+    """MiB of parameters this rank holds (FSDP2 shards and EP shards counted locally); AdamW adds 2×."""
+    from torch.distributed.tensor import DTensor
+
+    from dlmoe.moe.experts import Experts
+
+    def mib(params) -> float:
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        return sum(t.numel() * t.element_size() for t in local) / 2**20
+
+    experts = [p for m in pmodel.module.modules() if isinstance(m, Experts) for p in m.parameters(recurse=False)]
+    return {"param_mib": mib(pmodel.module.parameters()), "expert_param_mib": mib(experts)}
 
 
 def summarize(
@@ -302,6 +321,8 @@ def case_row(router: str, ep: int, results: list[dict], args: argparse.Namespace
         "expert_load_max_over_mean": pooled("expert_load_max_over_mean", 4),
         "realized_k": pooled("realized_k", 4),
         "loss": pooled("loss", 4),
+        "param_mib_per_rank": pooled("param_mib_per_rank", 4),
+        "expert_param_mib_per_rank": pooled("expert_param_mib_per_rank", 4),
     }
 
 

@@ -63,6 +63,11 @@ def test_distributed_bench_quick_prints_every_case_and_the_ratios(tmp_path: Path
         else:
             assert row["all_to_all_ms_per_step"] == 0 and row["all_to_all_fraction"] == 0
             assert row["rank_load_basis"] == "as_if_ep2"
+    for router in ("expert_choice", "token_choice"):  # EP=2 holds half the experts, the same dense weights
+        one, two = by_case[router, 1], by_case[router, 2]
+        assert two["expert_param_mib_per_rank"] == pytest.approx(one["expert_param_mib_per_rank"] / 2, abs=1e-3)
+        dense_one = one["param_mib_per_rank"] - one["expert_param_mib_per_rank"]
+        assert two["param_mib_per_rank"] - two["expert_param_mib_per_rank"] == pytest.approx(dense_one, abs=1e-3)
     # expert choice (pool sequence) gives every expert the same rows: no rank waits on another
     assert by_case["expert_choice", 2]["rank_load_max_over_mean"] == pytest.approx(1.0)
     assert by_case["expert_choice", 2]["expert_load_max_over_mean"] == pytest.approx(1.0)
