@@ -90,6 +90,20 @@ def test_expert_choice_group_pool_training_matches_one_process(tmp_path):
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5, (one, two)
 
 
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_fine_tune_under_torchrun_matches_one_process(tmp_path, data_parallel):
+    """train.init_from with EP 2: each rank reads only its experts of the source; same curve as one process."""
+    base = single(tmp_path, "base", **FP32)
+    tune = FP32 | {"train.init_from": str(base), "train.steps": 3, "train.lr": 1e-3}
+    reference = losses(single(tmp_path, "one", **tune))
+    codes, out = launch(
+        tmp_path, "two", **tune, **{"parallel.expert_parallel": 2, "parallel.data_parallel": data_parallel}
+    )
+    assert_all_ok(codes, out)
+    two = losses(tmp_path / "two")
+    assert len(two) == 3 and max(abs(a - b) for a, b in zip(reference, two, strict=True)) < 1e-4, (reference, two)
+
+
 def test_checkpoint_from_two_ranks_resumes_on_one_and_back(tmp_path):
     """World 2 (EP 2) → world 1 → world 2 (FSDP2, EP 1): each resume continues the one-process run."""
     # a constant LR: the runs stop early by setting train.steps, which would reshape a decaying schedule

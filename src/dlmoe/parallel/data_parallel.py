@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -104,15 +104,20 @@ class ParallelModel:
         return total
 
 
-def parallelize(model: nn.Module, state: ParallelState) -> ParallelModel:
-    """Expert parallelism (when `parallel.expert_parallel` > 1), then the move to this rank's device,
-    then DDP or FSDP2; in place. Build the model on the CPU: the device gets only this rank's part."""
+def parallelize(
+    model: nn.Module, state: ParallelState, load: Callable[[nn.Module], None] | None = None
+) -> ParallelModel:
+    """Expert parallelism (when `parallel.expert_parallel` > 1), `load` (fill the weights of what this
+    rank keeps; may materialise a meta model), the move to this rank's device, then DDP or FSDP2; in
+    place. Build the model on the CPU or the meta device: the device gets only this rank's part."""
     config = state.config
     stats = CommStats()
     if config.expert_parallel > 1:
         apply_expert_parallel(
             model, state.ep_group, state.ep_rank, config.expert_parallel, ec_pool=config.ec_pool, stats=stats
         )
+    if load is not None:  # e.g. a fine-tune's source weights: only this rank's experts are read
+        load(model)
     model.to(state.device)  # after sharding: the device holds only this rank's experts
     experts = {p for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters(recurse=False)}
     if config.data_parallel == "ddp":

@@ -10,7 +10,7 @@ fails (a rank died) or times out becomes a `DistributedError` naming the last ch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,8 +31,13 @@ class LocalRuntime:
     def check_config(self, config: RunConfig) -> None:
         """Fail (on every rank) when the ranks were given different configs or the layout does not fit."""
 
-    def setup(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model to train, on `device` (parallelised); sets `forward_module`, what a step calls."""
+    def setup(
+        self, model: nn.Module, device: torch.device, load: Callable[[nn.Module], None] | None = None
+    ) -> nn.Module:
+        """The model to train, on `device` (parallelised), after `load` filled its weights (a meta
+        model is materialised by it); sets `forward_module`, what a training step calls."""
+        if load is not None:
+            load(model)
         self.forward_module = model.to(device)
         return self.forward_module
 
@@ -105,10 +110,12 @@ class DistributedRuntime(LocalRuntime):
                 f"allowed: expert_parallel dividing {num_experts} (and the world size {self.world_size})"
             )
 
-    def setup(self, model: nn.Module, device: torch.device) -> nn.Module:
-        from dlmoe.parallel import parallelize  # moves the model to this rank's device after sharding
+    def setup(
+        self, model: nn.Module, device: torch.device, load: Callable[[nn.Module], None] | None = None
+    ) -> nn.Module:
+        from dlmoe.parallel import parallelize  # shards the experts, loads, moves to the device, wraps
 
-        self.parallel_model = parallelize(model, self.state)
+        self.parallel_model = parallelize(model, self.state, load)
         self.forward_module = self.parallel_model.forward_module
         return self.parallel_model.module
 

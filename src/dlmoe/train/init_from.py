@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from dlmoe.config import RunConfig
 from dlmoe.config_io import run_config_from_dict
+from dlmoe.model.convert.files import CheckpointFiles
 from dlmoe.model.hf import DlmoeForDiffusionLM
 
 TOKENIZER_DIR = "tokenizer"
@@ -104,22 +106,66 @@ class SourceRun:
     def tokenizer_dir(self) -> Path:
         return self.path / TOKENIZER_DIR
 
-    def load_weights(self, model: nn.Module) -> None:
-        """Copy the source's trained parameters and persistent buffers into `model`.
+    def load_weights(self, model: DlmoeForDiffusionLM) -> None:
+        """Fill `model` with the source's trained parameters and persistent buffers, in place.
 
-        Loss-free expert biases only steer selection, so they may be switched off (dropped) or on
-        (starting at zero) by a fine-tune, e.g. to move a biased token-choice model to expert choice."""
-        source = DlmoeForDiffusionLM.from_pretrained(self.path / MODEL_DIR)
-        target = model.state_dict()
-        weights = {k: v for k, v in source.state_dict().items() if k in target or not _optional(k)}
-        needed = {k for k in target if not (_optional(k) and k not in weights)}
-        mismatched = sorted(set(weights) ^ needed) or [k for k in weights if weights[k].shape != target[k].shape]
-        if mismatched:
-            raise ValueError(
-                f"train.init_from={str(self.path)!r}: the saved model does not fit this architecture "
-                f"(first mismatched tensors: {mismatched[:3]})"
-            )
-        model.load_state_dict(weights, strict=False)
+        `model` may live on the meta device (it is materialised on the CPU first) and may hold only
+        this rank's experts (`ShardedExperts`: only their rows are read). The source's safetensors
+        are memory-mapped, so RAM holds the model once. Loss-free expert biases only steer
+        selection, so they may be switched off (dropped) or on (starting at zero) by a fine-tune,
+        e.g. to move a biased token-choice model to expert choice. Names and shapes are checked
+        before anything is copied."""
+        with CheckpointFiles.open(self.path / MODEL_DIR) as files:
+            target = model.state_dict()
+            rows = _expert_rows(model)
+            tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+            target = {k: t for k, t in target.items() if k not in tied}  # save_pretrained stores one copy
+            missing = sorted(k for k in target if k not in files.tensors and not _optional(k))
+            unexpected = sorted(k for k in files.tensors if k not in target and not _optional(k))
+            reshaped = [
+                f"{k}: saved {files.tensors[k].shape}"
+                for k, t in target.items()
+                if k in files.tensors and _saved_shape(files.tensors[k].shape, rows.get(k)) != tuple(t.shape)
+            ]
+            if missing or unexpected or reshaped:
+                raise ValueError(
+                    f"train.init_from={str(self.path)!r}: the saved model does not fit this architecture "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {reshaped[:3]})"
+                )
+            if any(t.is_meta for t in target.values()):
+                model.to_empty(device="cpu")
+                _zero_buffers(model)
+                target = {k: t for k, t in model.state_dict().items() if k not in tied}
+            with torch.no_grad():
+                for name, tensor in target.items():
+                    if name not in files.tensors:  # an optional buffer the source lacks: starts at zero
+                        tensor.zero_()
+                        continue
+                    tensor.copy_(files.read(name, rows.get(name)))  # EP: only this rank's experts
+            if tied:
+                model.tie_weights()
+
+
+def _expert_rows(model: nn.Module) -> dict[str, slice]:
+    """name → the rows of the saved [E, ...] stack this model's `ShardedExperts` hold."""
+    rows = {}
+    for module_name, module in model.named_modules():
+        if hasattr(module, "first_expert") and hasattr(module, "num_global_experts"):  # ShardedExperts
+            for param_name, _ in module.named_parameters(recurse=False):
+                rows[f"{module_name}.{param_name}"] = slice(
+                    module.first_expert, module.first_expert + module.num_experts
+                )
+    return rows
+
+
+def _saved_shape(shape: tuple[int, ...], rows: slice | None) -> tuple[int, ...]:
+    return tuple(shape) if rows is None else (rows.stop - rows.start, *shape[1:])
+
+
+def _zero_buffers(model: nn.Module) -> None:
+    """Buffers `to_empty` left uninitialised and no checkpoint holds (e.g. expert-bias counters)."""
+    for buffer in model.buffers():
+        buffer.zero_()
 
 
 def _optional(key: str) -> bool:

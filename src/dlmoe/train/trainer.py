@@ -120,12 +120,17 @@ class Trainer:
         self.config = replace(config, model=model_config)
         if runtime.is_main:
             save_run_config(self.config, self.run_dir / "config.json")
-        # every rank builds the whole model from the same seed; parallelising keeps each rank's part
-        # (on the CPU: a rank's device receives only its part, after the experts are sharded)
-        model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(model_config))
-        if source is not None:
-            source.load_weights(model)
-        self.model = runtime.setup(model, self.device)
+        # A fresh model: every rank builds all of it on the CPU from the same seed (parallelising keeps
+        # each rank's part, then moves it to the device). A fine-tune: built on the meta device, and
+        # after the experts are sharded each rank reads only its part of the source's weights.
+        hf_config = DlmoeConfig.from_model_config(model_config)
+        if source is None:
+            model, load = DlmoeForDiffusionLM(hf_config), None
+        else:
+            with torch.device("meta"):
+                model = DlmoeForDiffusionLM(hf_config)
+            load = source.load_weights
+        self.model = runtime.setup(model, self.device, load)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_lr_schedule(self.optimizer, self.config.train)
         self.noise_generator = torch.Generator().manual_seed(config.train.seed + 1)

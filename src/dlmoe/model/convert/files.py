@@ -70,13 +70,15 @@ class CheckpointFiles:
             raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         return cls(folder, config, _tensor_directory(folder))
 
-    def read(self, name: str) -> Tensor:
-        """One tensor from its memory-mapped shard. A shard is unmapped once all its tensors were
-        read, so the mapped file pages of at most the shards in use count towards the process."""
+    def read(self, name: str, rows: slice | None = None) -> Tensor:
+        """One tensor (or only `rows` of its first dim) from its memory-mapped shard. A shard is
+        unmapped once all its tensors were read, so the mapped file pages of at most the shards in
+        use count towards the process."""
         file = self.tensors[name].file
         if file not in self._handles:
             self._handles[file] = safe_open(self.folder / file, framework="pt").__enter__()
-        tensor = self._handles[file].get_tensor(name)
+        handle = self._handles[file]
+        tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         unread = self._unread[file]
         unread.discard(name)
         if not unread:
