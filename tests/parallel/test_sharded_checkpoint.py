@@ -85,3 +85,29 @@ def test_a_mismatched_model_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match=r"gate_up_proj: checkpoint \(4, 16, 8\) vs model \(8, 16, 8\)"):
         load_sharded_checkpoint(path, wider, None, None)
     assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())  # untouched
+
+
+def test_a_failed_save_leaves_the_run_and_earlier_checkpoints_alone(tmp_path, monkeypatch):
+    import dlmoe.parallel.checkpoint as sharded
+
+    run = write_sharded_run(tmp_path / "run")
+    (run / "config.json").write_text("{}")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    model, optimizer = trained()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sharded.dcp, "save", disk_full)
+    with pytest.raises(OSError, match="saving checkpoint step 3 .* failed"):
+        save_sharded_checkpoint(run, 3, model, optimizer, {}, None, keep_last=3)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no scratch left, nothing lost
+    monkeypatch.undo()
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "keep.txt").write_text("x")
+    (blocked / "checkpoints").write_text("a file where the checkpoint folder would go")
+    with pytest.raises(RuntimeError, match="saving checkpoint step 1 under"):
+        save_sharded_checkpoint(blocked, 1, model, optimizer, {}, None, keep_last=3)
+    assert (blocked / "keep.txt").read_text() == "x" and (blocked / "checkpoints").is_file()

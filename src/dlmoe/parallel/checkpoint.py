@@ -159,8 +159,10 @@ def save_sharded_checkpoint(
         tmp, final, failed = parallel.broadcast_object((tmp, final, error is not None))
         if failed and error is None:
             raise RuntimeError(f"saving checkpoint step {step} failed on rank 0 (creating {final})")
-    if error is not None:
-        raise_save_failure(error, Path(tmp or run_dir), Path(final or run_dir), step)
+    if error is not None:  # nothing was created: nothing to clean up
+        if not isinstance(error, Exception):
+            raise error
+        raise RuntimeError(f"saving checkpoint step {step} under {run_dir} failed ({error})") from error
     try:
         with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, as asked
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
