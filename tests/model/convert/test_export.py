@@ -101,3 +101,19 @@ def test_export_of_a_converted_import_states_the_new_dtype(tmp_path: Path) -> No
     source = json.loads((original / "config.json").read_text())
     assert source.pop("torch_dtype") == "float32" and config == source
     assert all(t.dtype == torch.bfloat16 for t in ref.load_checkpoint(out)[1].values())
+
+
+def test_an_interrupted_export_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dlmoe.model.convert as convert
+
+    imported = import_checkpoint(write("lladamoe", tmp_path / "src"))
+    real_write = convert.write_shards
+
+    def write_then_fail(folder, tensors, max_shard_bytes):
+        real_write(folder, tensors, max_shard_bytes)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "write_shards", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(imported.model, tmp_path / "out", format="lladamoe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no "out", no scratch folder

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dlmoe.model.convert import llada2_moe, llada_moe
-from dlmoe.model.convert.files import CONFIG_FILE, CheckpointError, CheckpointFiles, write_shards
+from dlmoe.model.convert.files import CONFIG_FILE, CheckpointError, CheckpointFiles, staged_folder, write_shards
 from dlmoe.model.convert.layout import RowGroup, fill_ours, split_ours
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
 
@@ -148,19 +148,16 @@ def export_checkpoint(
     if source_config is not None:
         _check_source_config(fmt, source_config, config, format)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"export target {str(out)!r} exists and is not an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def tensors():
         for group in fmt.layout(config):
             yield from split_ours(group, state)
 
-    write_shards(out, tensors(), max_shard_bytes)
     hf_config = source_config if source_config is not None else fmt.hf_config(config)
-    hf_config = _with_dtype(hf_config, state)
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    with staged_folder(out) as scratch:  # an interrupted export leaves no half-written folder
+        write_shards(scratch, tensors(), max_shard_bytes)
+        (scratch / CONFIG_FILE).write_text(json.dumps(_with_dtype(hf_config, state), indent=2) + "\n")
     return out
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,27 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"shard {path} cannot be read (truncated or not a safetensors file): {error}") from error
     except KeyError as error:
         raise CheckpointError(f"shard {path} holds a tensor of unsupported dtype {error}") from error
+
+
+@contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A scratch folder beside `final`, renamed to `final` when the block succeeds and removed when
+    it fails: an interrupted import or export never leaves a half-written folder. `final` must not
+    exist or be an empty folder."""
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise CheckpointError(f"{str(final)!r} exists and is not an empty folder; choose a new one")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+        if final.exists():
+            final.rmdir()
+        os.rename(scratch, final)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 def write_shards(folder: Path, tensors: Iterator[tuple[str, Tensor]], max_shard_bytes: int) -> list[str]:

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from dlmoe.config import DataConfig, RunConfig, SampleConfig
 from dlmoe.config_io import save_run_config
 from dlmoe.model.convert import CheckpointError, ImportedCheckpoint
+from dlmoe.model.convert.files import staged_folder
 
 IMPORTED_FILE = "imported.json"
 
@@ -27,6 +28,12 @@ def write_run_folder(imported: ImportedCheckpoint, source: Path, run_dir: str | 
     run = Path(run_dir)
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise CheckpointError(f"run folder {str(run)!r} exists and is not empty; choose a new one")
+    with staged_folder(run) as scratch:
+        _write(imported, source, run, scratch)
+    return run
+
+
+def _write(imported: ImportedCheckpoint, source: Path, run: Path, scratch: Path) -> None:
     model_config = imported.model.config.to_model_config()
     tokenizer = _tokenizer(source, model_config)
     gen_length = max(1, min(64, model_config.max_seq_len // 2))
@@ -41,15 +48,13 @@ def write_run_folder(imported: ImportedCheckpoint, source: Path, run_dir: str | 
         ),
         sample=sample,
     )
-    run.mkdir(parents=True, exist_ok=True)
-    save_run_config(config, run / "config.json")
-    imported.model.save_pretrained(run / "model")
+    save_run_config(config, scratch / "config.json")
+    imported.model.save_pretrained(scratch / "model")
     if tokenizer is not None:
-        tokenizer.save_pretrained(run / "model")
-        tokenizer.save_pretrained(run / "tokenizer")
+        tokenizer.save_pretrained(scratch / "model")
+        tokenizer.save_pretrained(scratch / "tokenizer")
     record: dict[str, Any] = {"source": str(source), "format": imported.format, "source_config": imported.source_config}
-    (run / IMPORTED_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return run
+    (scratch / IMPORTED_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _tokenizer(source: Path, model_config) -> PreTrainedTokenizerFast | None:
