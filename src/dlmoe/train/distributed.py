@@ -52,7 +52,7 @@ class LocalRuntime:
         return contextlib.nullcontext()
 
     def finish_gradients(self) -> None:
-        pass
+        """One process: the gradients are complete after backward (nothing to reduce)."""
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
