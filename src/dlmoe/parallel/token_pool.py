@@ -24,9 +24,3 @@ class GroupTokenPool:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts)
-
-    @torch.no_grad()
-    def sum(self, x: Tensor) -> Tensor:
-        total = x.clone()
-        dist.all_reduce(total, group=self.group)
-        return total

@@ -24,7 +24,7 @@ from torch import Tensor
 from dlmoe._checks import check_float, check_int, check_tensor
 from dlmoe.routing.context import check_block_ids, check_valid
 from dlmoe.routing.dispatch import Dispatch, sorted_dispatch_from_topk
-from dlmoe.routing.token_choice import _check_tc_args, route_topk_scores
+from dlmoe.routing.token_choice import _check_tc_args, gate_scores, route_topk_scores
 
 
 def block_layout(length: int, block_size: int, block_ids: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
@@ -162,8 +162,7 @@ def block_route(
     expert_NK, valid_NK = route_topk_scores(
         scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group, allowed_NE=allowed_NE
     )
-    gate_source_NE = scores_NE + expert_bias.float() if bias_in_gate and expert_bias is not None else scores_NE
-    gate_NK = gate_source_NE.gather(1, expert_NK) * valid_NK
+    gate_NK = gate_scores(scores_NE, expert_bias, bias_in_gate).gather(1, expert_NK) * valid_NK
     if renormalize:
         gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
     if routed_scaling_factor != 1.0:

@@ -143,14 +143,12 @@ class TokenPool(Protocol):
     """The tokens of several processes pooled for expert choice (implemented by `dlmoe.parallel`).
 
     `rank` is this member's index and `size` the number of members; `gather` concatenates every
-    member's tensor along dim 0 in rank order (no gradient) and `sum` adds them up."""
+    member's tensor along dim 0 in rank order (no gradient)."""
 
     rank: int
     size: int
 
     def gather(self, x: Tensor) -> Tensor: ...
-
-    def sum(self, x: Tensor) -> Tensor: ...
 
 
 def expert_choice_pooled(
@@ -180,17 +178,18 @@ def expert_choice_pooled(
         check_valid(valid, batch, length, device=logits.device)
     logits = logits.float()
     num_tokens = batch * length
-    shapes = token_pool.gather(torch.tensor([[batch, length]], device=logits.device))
-    if bool((shapes != shapes[:1]).any()):
-        raise ValueError(
-            f"a token pool over {token_pool.size} processes needs the same [B, L] on every member, got "
-            f"{shapes.tolist()} (use parallel.ec_pool='local' for uneven batches)"
-        )
 
-    # 1. the pool's capacity from the budgets of all members
+    # 1. the pool's capacity from the budgets of all members (one gather: budget, valid tokens, shape)
     k_B = torch.as_tensor(k, dtype=torch.int64, device=logits.device).expand(batch)
     n_B = torch.full_like(k_B, length) if valid is None else valid.sum(1).to(k_B.device)
-    budget, n_total = token_pool.sum(torch.stack([(n_B * k_B).sum(), n_B.sum()])).tolist()
+    facts = torch.stack([(n_B * k_B).sum(), n_B.sum(), k_B.new_tensor(batch), k_B.new_tensor(length)])
+    facts_M4 = token_pool.gather(facts.unsqueeze(0))  # [members, 4]
+    if bool((facts_M4[:, 2:] != facts_M4[:1, 2:]).any()):
+        raise ValueError(
+            f"a token pool over {token_pool.size} processes needs the same [B, L] on every member, got "
+            f"{facts_M4[:, 2:].tolist()} (use parallel.ec_pool='local' for uneven batches)"
+        )
+    budget, n_total = facts_M4[:, :2].sum(0).tolist()
     capacity = min(max(budget // num_experts, 1), n_total)
 
     # 2. every expert ranks the pooled tokens; keep the picks that are this member's tokens

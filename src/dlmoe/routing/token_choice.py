@@ -156,7 +156,7 @@ def token_choice(
     expert_NK, _ = route_topk_scores(scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group)
 
     # 2. gates from the unbiased scores (biased: LLaDA-MoE)
-    gate_NK = _gate_scores(scores_NE, expert_bias, bias_in_gate).gather(1, expert_NK)
+    gate_NK = gate_scores(scores_NE, expert_bias, bias_in_gate).gather(1, expert_NK)
     if renormalize:
         gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
     if routed_scaling_factor != 1.0:
@@ -199,8 +199,8 @@ def token_choice(
     )
 
 
-def _gate_scores(scores_NE: Tensor, expert_bias: Tensor | None, bias_in_gate: bool) -> Tensor:
-    """The scores gates are read from: s, or s + b with `bias_in_gate` (LLaDA-MoE)."""
+def gate_scores(scores_NE: Tensor, expert_bias: Tensor | None, bias_in_gate: bool) -> Tensor:
+    """The scores gates are read from: s, or s + b with `bias_in_gate` (LLaDA-MoE). Shared with block routing."""
     return scores_NE + expert_bias.float() if bias_in_gate and expert_bias is not None else scores_NE
 
 
