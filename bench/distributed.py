@@ -7,11 +7,13 @@ threads per rank) of this same file in worker mode; world size 2 always:
 for router ∈ {expert_choice (pool sequence), token_choice (dropless top-k, aux loss 0: no balancing,
 so the skew of a fresh router shows)}, same k (same active FLOPs). One step = mask noise → forward →
 ELBO loss + aux → backward → sync_expert_gradients → global clip_grad_norm_ (1.0) → AdamW → zero_grad,
-in fp32 or under bf16 autocast (fp32 master weights). Every rank builds the model from the same seed and
-takes its rows of the same synthetic global batch (fixed generator), with real mask noise.
+in fp32 or under bf16 autocast (fp32 master weights): `--dtype auto` (default) picks bf16 only where this CPU
+runs it natively (AVX512-BF16 / AMX; an AVX2 CPU emulates it, ~70x slower); each row says which and why
+(dtype_reason). Every rank builds the model from the same seed and takes its rows of the same synthetic
+global batch (fixed generator), with real mask noise.
 
 Prints a meta line, then one JSON object per case:
-    case, router, expert_parallel, world_size, data_parallel, dtype, device, tokens (global per step),
+    case, router, expert_parallel, world_size, data_parallel, dtype, dtype_reason, device, tokens (global per step),
     steps, step_ms_mean, step_ms_std, step_ms_median, tokens_per_s, all_to_all_ms_per_step,
     all_to_all_fraction, all_to_all_calls_per_step, all_to_all_mb_per_step, rank_load_max_over_mean,
     rank_load_basis, expert_load_max_over_mean, realized_k, loss, param_mib_per_rank,
@@ -65,6 +67,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from dlmoe.config import ModelConfig, MoEConfig, ParallelConfig, RouterConfig
+from dlmoe.precision import PRECISIONS, hardware_info, resolve_precision
 
 WORLD_SIZE = 2
 ROUTERS = {"ec": "expert_choice", "tc": "token_choice"}
@@ -305,6 +308,7 @@ def case_row(router: str, ep: int, results: list[dict], args: argparse.Namespace
         "world_size": WORLD_SIZE,
         "data_parallel": args.data_parallel,
         "dtype": args.dtype,
+        "dtype_reason": args.dtype_reason,
         "device": f"cpu ({args.threads} threads per rank)",
         "tokens": tokens,
         "steps": len(step_ms),
@@ -388,6 +392,8 @@ def main_launcher(args: argparse.Namespace) -> None:
             "process_group": "gloo",
             "data_parallel": args.data_parallel,
             "dtype": args.dtype,
+            "dtype_reason": args.dtype_reason,
+            "hardware": hardware_info().as_dict(),
             "warmup": args.warmup,
             "steps": args.steps,
             "rounds": args.rounds,
@@ -457,7 +463,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=positive_int, default=8, help=f"global batch (rows; divisible by {WORLD_SIZE})")
     p.add_argument("--backend", default="auto", choices=["auto", "loop", "bmm", "grouped_mm"], help="expert backend")
     p.add_argument("--data-parallel", default="ddp", choices=["ddp", "fsdp"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 master weights")
+    p.add_argument(
+        "--dtype", default="auto", choices=PRECISIONS,
+        help="bf16: autocast, fp32 master weights; auto (default): bf16 where this CPU runs it natively, else fp32",
+    )  # fmt: skip
     p.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=list(ROUTERS))
     p.add_argument("--expert-parallel", nargs="+", type=int, default=list(EXPERT_PARALLEL), choices=EXPERT_PARALLEL)
     p.add_argument("--warmup", type=non_negative_int, default=3)
@@ -481,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     args.routers = list(dict.fromkeys(args.routers))
     args.expert_parallel = list(dict.fromkeys(args.expert_parallel))
+    precision = resolve_precision(args.dtype, "cpu")  # the launcher passes the resolved name to the workers
+    args.dtype, args.dtype_reason = precision.name, precision.reason
     if args.worker:
         if args.router is None or args.ep is None:
             p.error("--worker needs --router and --ep")

@@ -4,7 +4,7 @@ Prints a meta line (machine, model size, prompts, ELBO method), then one JSON ob
     case, section, setting, baseline, ms, baseline_ms, speedup (= baseline_ms / ms), tokens_per_s,
     baseline_tokens_per_s, moe_ms, baseline_moe_ms, moe_speedup, unique_experts, baseline_unique_experts,
     unique_experts_reduction, num_forwards, baseline_num_forwards, token_agreement, elbo, baseline_elbo,
-    elbo_change, repeats, targets, targets_met, target_met
+    elbo_change, repeats, targets, targets_met, target_met, dtype, dtype_reason
 and a summary line. Cases (greedy decoding, batch 1, gen 256, block 32 unless said otherwise):
   (a) dMoE block routing (top_p, guard) vs token routing, both with the dual cache and 256 steps.
       Targets: unique experts per layer per forward (dMoE metric, over the decoding block) ≥ 4× fewer,
@@ -22,9 +22,10 @@ noise draws for every case (see the meta line); elbo_change = elbo − baseline_
 A block's coreset holds at least max(guard, k) experts, so (a)'s reduction is at most baseline / k
 for guard ≤ k; threshold cases only commit more than one token per step where the model is confident.
 
-The model (configs/bench_inference.yaml: E=64, k=8 token choice, d_model 512, 4 layers, bf16
-weights at inference) is trained once into runs/bench-inference and reused; prompts are held-out
-snippets of its validation text.
+The model (configs/bench_inference.yaml: E=64, k=8 token choice, d_model 512, 4 layers) is trained
+once into runs/bench-inference and reused; prompts are held-out snippets of its validation text. Its
+weights run in `--dtype` (auto, the default: bf16 where this CPU runs it natively, AVX512-BF16 / AMX;
+fp32 on an AVX2 CPU, which emulates bf16 matmuls ~70x slower); every row says which and why.
 
     python bench/inference.py                  # trains on first use (~6 min on 2 idle cores), then benches
     python bench/inference.py --threads 1      # steadier timings when other processes share the cores
@@ -54,6 +55,7 @@ from dlmoe.diffusion import add_mask_noise, masked_diffusion_loss
 from dlmoe.model.flops import model_size
 from dlmoe.model.transformer import DiffusionTransformer
 from dlmoe.moe import MoELayer
+from dlmoe.precision import PRECISIONS, Precision, hardware_info, resolve_precision
 from dlmoe.runtime import prepare_benchmark
 from dlmoe.sampling import generate
 
@@ -369,10 +371,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--elbo-draws", type=int, default=16, help="antithetic noise draws per ELBO estimate")
     p.add_argument("--elbo-chunk", type=int, default=8, help="draws per ELBO forward")
     p.add_argument("--seed", type=int, default=0, help="seed of the ELBO noise (and quick-mode prompts)")
+    p.add_argument(
+        "--dtype", default="auto", choices=PRECISIONS,
+        help="weight dtype at inference; auto (default): bf16 where this CPU runs it natively, else fp32",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc thresholds alone")
     p.add_argument("--quick", action="store_true", help="tiny untrained model, gen 32, 1 round (smoke run)")
     args = p.parse_args(argv)
+    args.precision = resolve_precision(args.dtype, "cpu")
     if args.quick:
         args.gen_length, args.block_length, args.guard, args.rounds = 32, 16, 2, 1
         args.prompt_lengths, args.elbo_draws, args.elbo_chunk = [4, 5, 6, 7, 8, 9, 10, 11], 4, 4
@@ -395,7 +402,7 @@ def model_summary(model: DiffusionTransformer, args: argparse.Namespace) -> dict
     return (
         shape
         | moe
-        | {"dtype": "bfloat16", "total_params": size.total_params, "active_params": round(size.active_params)}
+        | {"dtype": args.precision.name, "total_params": size.total_params, "active_params": round(size.active_params)}
     )
 
 
@@ -416,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model, rows, facts = trained_model(args)
         prompts = pick_prompts(rows, args.prompt_lengths, first_real_id=3)  # ids 0-2: mask, EOS, pad
-    model = model.to(torch.bfloat16).eval()
+    precision: Precision = args.precision
+    model = model.to(precision.dtype).eval()
     if model.config.moe is None:
         raise SystemExit("the bench needs an MoE model; this one is dense")
     if max(args.prompt_lengths) + args.gen_length > model.config.max_seq_len:
@@ -429,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
             | facts
             | {
                 "model": model_summary(model, args),
+                "dtype": precision.name,
+                "dtype_reason": precision.reason,
+                "hardware": hardware_info().as_dict(),
                 "gen_length": args.gen_length,
                 "block_length": args.block_length,
                 "prompt_lengths": [int(p.numel()) for p in prompts],
@@ -446,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         runs, batch_runs = collect(model, prompts, named, args, timer)
         rows = rows_for(runs, batch_runs, named, prompts, ElboCache(model, args), args)
     for row in rows:
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row | {"dtype": precision.name, "dtype_reason": precision.reason}), flush=True)
     summary = {"summary": True, "targets_met": {r["case"]: r["target_met"] for r in rows if r["targets"]}}
     print(json.dumps(summary | {"wall_s": round(time.perf_counter() - started, 1)}), flush=True)
 

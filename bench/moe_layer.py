@@ -1,14 +1,19 @@
 """Benchmark the MoE layer against a dense FFN of equal active FLOPs and transformers' OLMoE block.
 
 Prints one JSON object per case:
-    case, router, backend, dtype, pass, tokens, ms, ms_std, dense_ms, efficiency (= dense_ms / ms),
+    case, router, backend, dtype, dtype_reason, pass, tokens, ms, ms_std, dense_ms, efficiency (= dense_ms / ms),
     transformers_ms, speedup_vs_transformers (= transformers_ms / ms), same_routing_as_transformers
 All three modules run in the same process, interleaved round-robin, median over repeats.
 The transformers block is OLMoE's (softmax top-k, no renormalisation, eager expert loop) on the
 same weights; only the TC-dropless cases route identically to it (`same_routing_as_transformers`).
 
+`dtype_reason` says why a row ran in its dtype. By default the rows run in the dtype `auto` picks for
+this CPU: bf16 with AVX512-BF16 / AMX, fp32 otherwise (an AVX2 CPU emulates bf16 matmuls, ~70x slower);
+bf16 rows on such a CPU only when asked for (`--dtypes bfloat16 float32`).
+
     python bench/moe_layer.py                 # the issue's shapes: E=64, k=8, D=512, F=256, 8×512 tokens
     python bench/moe_layer.py --quick         # tiny shapes (smoke run)
+    python bench/moe_layer.py --dtypes bfloat16 float32
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import torch
 
 from dlmoe.config import MoEConfig, RouterConfig
 from dlmoe.moe import MoELayer, SwiGLU
+from dlmoe.precision import Precision, hardware_info, resolve_precision
 from dlmoe.runtime import prepare_benchmark
 
+DTYPE_CHOICES = {"auto": "auto", "bfloat16": "bf16", "float32": "fp32"}  # --dtypes → dlmoe.precision names
 ROUTER_CASES: dict[str, tuple[dict, str]] = {
     # name: (RouterConfig overrides, expert backend)
     "ec": ({"kind": "expert_choice"}, "auto"),
@@ -91,7 +98,8 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, back
     return fwd_bwd
 
 
-def run_case(name: str, dtype: torch.dtype, backward: bool, args: argparse.Namespace) -> dict:
+def run_case(name: str, precision: Precision, backward: bool, args: argparse.Namespace) -> dict:
+    dtype = precision.dtype
     overrides, backend = ROUTER_CASES[name]
     torch.manual_seed(0)
     router = RouterConfig(num_experts=args.experts, num_experts_per_tok=args.k, **overrides)
@@ -112,6 +120,7 @@ def run_case(name: str, dtype: torch.dtype, backward: bool, args: argparse.Names
         "router": name,
         "backend": layer.experts.resolve_backend(router.kind == "expert_choice"),
         "dtype": str(dtype).removeprefix("torch."),
+        "dtype_reason": precision.reason,
         "pass": "fwd+bwd" if backward else "fwd",
         "tokens": args.batch * args.length,
         "ms": round(med["ours"], 3),
@@ -135,12 +144,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--routers", nargs="+", default=list(ROUTER_CASES), choices=list(ROUTER_CASES))
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--dtypes", nargs="+", default=["auto"], choices=list(DTYPE_CHOICES),
+        help="auto (default): bf16 where this CPU runs it natively, else fp32",
+    )  # fmt: skip
     p.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc thresholds alone")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
     args = p.parse_args(argv)
+    resolved = [resolve_precision(DTYPE_CHOICES[name], "cpu") for name in args.dtypes]
+    args.precisions = list({pr.name: pr for pr in resolved}.values())  # one run per dtype
     if args.quick:
         args.experts, args.k, args.dim, args.hidden, args.batch, args.length = 8, 2, 32, 16, 2, 16
         args.repeats, args.warmup = 2, 1
@@ -155,14 +169,15 @@ def main(argv: list[str] | None = None) -> None:
             meta
             | {
                 "shapes": {k: getattr(args, k) for k in ("experts", "k", "dim", "hidden", "batch", "length")},
+                "hardware": hardware_info().as_dict(),
             }
         ),
         flush=True,
     )
-    for dtype_name in args.dtypes:
+    for precision in args.precisions:
         for pass_name in args.passes:
             for name in args.routers:
-                row = run_case(name, getattr(torch, dtype_name), pass_name == "fwd+bwd", args)
+                row = run_case(name, precision, pass_name == "fwd+bwd", args)
                 print(json.dumps(row), flush=True)
 
 

@@ -1,9 +1,11 @@
 """Benchmark full training steps of the demo-size MoE diffusion LM against a dense model of equal active FFN width.
 
 One step = noise → forward → ELBO loss + router aux loss → backward → grad-norm clip (1.0) → AdamW step → zero_grad,
-under bf16 autocast (fp32 master weights) or in plain fp32. Prints one JSON object per case:
-    case, router, ms, ms_std, baseline_ms, ratio (= baseline_ms / ms), tokens_per_s, baseline_tokens_per_s,
-    active_params, total_params, expected_k, realized_k (dispatched slots per token: < k when capacity drops),
+under bf16 autocast (fp32 master weights) or in plain fp32: `--dtype auto` (default) picks bf16 only where
+this CPU runs it natively (AVX512-BF16 / AMX; an AVX2 CPU emulates it, ~70x slower). Prints one JSON object per case:
+    case, router, dtype, dtype_reason, ms, ms_std, baseline_ms, ratio (= baseline_ms / ms), tokens_per_s,
+    baseline_tokens_per_s, active_params, total_params, expected_k,
+    realized_k (dispatched slots per token: < k when capacity drops),
     load_max_over_mean (busiest expert's rows / mean, averaged over layers and timed steps), backend, loss
 then a summary line {"summary": true, "ec_over_tc_dropless", "ec_over_tc_cf1.25", ...} (step-time ratios).
 A meta line comes first. Every model is built from the same seed, sees the same batch and the same noise
@@ -44,6 +46,7 @@ from dlmoe.config import ModelConfig, MoEConfig, RouterConfig
 from dlmoe.diffusion import add_mask_noise, masked_diffusion_loss
 from dlmoe.model.transformer import DiffusionTransformer
 from dlmoe.moe import MoELayer
+from dlmoe.precision import PRECISIONS, hardware_info, resolve_precision
 from dlmoe.routing.schedules import expected_k, solve_k_max
 from dlmoe.runtime import prepare_benchmark
 
@@ -196,6 +199,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 "case": name,
                 "router": None if model.config.moe is None else model.config.moe.router.kind,
                 "dtype": args.dtype,
+                "dtype_reason": args.dtype_reason,
                 "tokens": tokens,
                 "ms": round(med[name], 3),
                 "ms_std": round(statistics.pstdev(times[name]), 3),
@@ -246,13 +250,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-loss-coef", type=float, default=0.01, help="token choice's Switch aux loss weight")
     p.add_argument("--backend", default="auto", choices=["auto", "loop", "bmm", "grouped_mm"])
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="bf16: autocast, fp32 master weights")
+    p.add_argument(
+        "--dtype", default="auto", choices=PRECISIONS,
+        help="bf16: autocast, fp32 master weights; auto (default): bf16 where this CPU runs it natively, else fp32",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc thresholds alone")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
     args = p.parse_args(argv)
+    precision = resolve_precision(args.dtype, "cpu")
+    args.dtype, args.dtype_reason = precision.name, precision.reason  # "bf16" | "fp32" from here on
     if args.quick:
         args.vocab, args.dim, args.layers, args.heads, args.seq_len, args.batch = 64, 32, 2, 2, 16, 2
         args.experts, args.k, args.expert_hidden = 4, 2, 16
@@ -274,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
             meta
             | {
                 "dtype": args.dtype,
+                "dtype_reason": args.dtype_reason,
+                "hardware": hardware_info().as_dict(),
                 "repeats": args.repeats,
                 "warmup": args.warmup,
                 "shapes": {k: getattr(args, k) for k in SHAPES},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import pathlib
 import sys
 from typing import TYPE_CHECKING
@@ -73,21 +75,39 @@ def _load(args: argparse.Namespace):
 
 def train(args: argparse.Namespace) -> None:
     """Train (or --resume) a run; prints a JSON summary. Under torchrun: every rank trains its slice."""
-    summary = _fit(_load(args), args)
+    summary = _fit(_resume_base(_load(args), args), args)
     if summary is not None:
         _print_summary(summary)
 
 
+def _resume_base(config, args: argparse.Namespace, **fixed):
+    """With --resume, the run's saved config is the base that --config and the overrides change
+    (so `--resume train.steps=600` alone continues the run as it was configured)."""
+    from dlmoe.config_io import load_run_config, run_config_to_dict
+    from dlmoe.train.trainer import read_saved_config
+
+    saved_path = pathlib.Path(config.run_dir) / "config.json"
+    if not args.resume or not saved_path.is_file():
+        return config
+    base = run_config_to_dict(read_saved_config(saved_path)) | {"run_dir": config.run_dir}
+    return load_run_config(args.config, args.overrides, base=base | fixed)
+
+
 def finetune(args: argparse.Namespace) -> None:
     """Fine-tune a finished run (e.g. with dMoE block routing): its config ← --config ← overrides, its
-    weights and tokenizer; fresh optimizer, step 0. Prints a JSON summary."""
+    weights and tokenizer; fresh optimizer, step 0. Prints a JSON summary.
+
+    The fine-tune writes to the run_dir that --config or an override names, else to `<source>-ft`
+    beside the source; never to the run_dir recorded in the source's config."""
     import dataclasses
 
     from dlmoe.config_io import load_run_config, run_config_to_dict
     from dlmoe.train.init_from import SourceRun
 
     source = SourceRun.open(args.source, name="--from")
-    config = load_run_config(args.config, args.overrides, base=run_config_to_dict(source.config))
+    base = run_config_to_dict(source.config) | {"run_dir": str(source.path.parent / f"{source.path.name}-ft")}
+    config = load_run_config(args.config, args.overrides, base=base)
+    config = _resume_base(config, args)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(source.path)))
     summary = _fit(config, args)
     if summary is not None:
@@ -100,23 +120,33 @@ def _fit(config, args: argparse.Namespace) -> TrainSummary | None:
     from dlmoe.train import Trainer
 
     if not launched_by_torchrun():
-        return Trainer(config, resume=args.resume, progress=not args.no_progress).fit()
+        return Trainer(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress).fit()
     from dlmoe.parallel import init_parallel, shutdown
     from dlmoe.train.distributed import DistributedRuntime
 
     state = init_parallel(config.parallel, config.train.device)
     try:
         runtime = DistributedRuntime(state)
-        summary = Trainer(config, resume=args.resume, progress=not args.no_progress, runtime=runtime).fit()
+        trainer = Trainer(
+            config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, runtime=runtime
+        )
+        summary = trainer.fit()
         return summary if state.is_main else None
     finally:
         shutdown()
 
 
 def _print_summary(summary: TrainSummary) -> None:
-    print(
-        json.dumps({k: (str(v) if isinstance(v, pathlib.Path) else round(v, 4)) for k, v in summary.__dict__.items()})
-    )
+    """One JSON line; a value that is not a finite number (nothing trained: NaN loss) is null, never NaN."""
+
+    def value(v):
+        if isinstance(v, pathlib.Path):
+            return str(v)
+        if isinstance(v, float):
+            return round(v, 4) if math.isfinite(v) else None
+        return v
+
+    print(json.dumps({k: value(v) for k, v in summary.__dict__.items()}, allow_nan=False))
 
 
 def routing_stats(args: argparse.Namespace) -> None:
@@ -134,14 +164,22 @@ def eval_ppl(args: argparse.Namespace) -> None:
 
 
 def info(args: argparse.Namespace) -> None:
-    """Resolved config, parameter counts (total / active) and forward FLOPs per token."""
+    """Resolved config, parameter counts (total / active), forward FLOPs per token, and under "system"
+    what this machine supports and what `dtype: auto` picks on it (`--system` alone: only that, no config)."""
     import dataclasses
 
     from dlmoe.model.flops import model_size
+    from dlmoe.precision import hardware_info, resolve_precision
 
+    hardware = hardware_info()
+    devices = ["cpu", "cuda"] if hardware.cuda else ["cpu"]
+    system = hardware.as_dict() | {"auto": {d: resolve_precision("auto", d).as_dict() for d in devices}}
+    if args.system and args.config is None and not args.overrides:
+        print(json.dumps(system, indent=2))
+        return
     config = _load(args)
     size = model_size(config.model, config.data.seq_len)
-    print(json.dumps({"config": dataclasses.asdict(config), "size": size.as_dict()}, indent=2))
+    print(json.dumps({"config": dataclasses.asdict(config), "size": size.as_dict(), "system": system}, indent=2))
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -172,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in run_dir and start over")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=train)
 
@@ -184,11 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, metavar="RUN_DIR", help="a finished run folder")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the fine-tune run's latest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the fine-tune run already in run_dir first")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=finetune)
 
-    p = sub.add_parser("info", help="config, parameter counts (total/active), FLOPs per token")
+    p = sub.add_parser("info", help="config, parameter counts (total/active), FLOPs per token, hardware / dtype")
     _add_config_args(p)
+    p.add_argument(
+        "--system", action="store_true", help="only the hardware and what dtype auto picks (no config needed)"
+    )
     p.set_defaults(func=info)
 
     add_sample_parser(sub)
@@ -207,16 +250,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "DLMOE_DEBUG"  # =1: errors raise with their traceback instead of one line
+_DEBUG_HINT = f"(set {DEBUG_ENV}=1 for the traceback)"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Dotted `key=value` overrides anywhere on the line (also after options, e.g. `dlmoe train
+    --config c.yaml run_dir=r --no-progress train.steps=2`), for commands that take overrides;
+    anything else left over is the usual argparse error."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if overrides and isinstance(getattr(args, "overrides", None), list):
+        args.overrides.extend(overrides)
+        extra = [item for item in extra if item not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def error_line(err: BaseException, command: str | None = None) -> str:
+    """An exception as the one line the CLI prints (without the "dlmoe: error: " prefix)."""
+    from dlmoe.train.checkpoint import disk_full_message, is_disk_full
+
+    if is_disk_full(err):
+        if isinstance(err, OSError) and err.strerror and err.strerror.startswith("disk full"):
+            return err.strerror  # already names the file (checkpoint saves)
+        path = err.filename if isinstance(err, OSError) and err.filename else None
+        if command in ("train", "finetune"):
+            return disk_full_message(path)
+        return f"disk full while writing {path or 'the output'}; free space and rerun"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    known = isinstance(err, (ValueError, RuntimeError, OSError))
+    if not known or not text:  # a bug, or a message that says nothing: name the exception type
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    if not known or len(lines) > 1:
+        text = f"{text} {_DEBUG_HINT}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every error is ONE line on stderr, "dlmoe: error: ...", exit code 2 for bad
+    input (ValueError) and 1 otherwise; Ctrl-C exits 130. DLMOE_DEBUG=1 re-raises for the traceback."""
+    args = parse_args(build_parser(), argv)
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     try:
         args.func(args)
-    except ValueError as err:
-        print(f"dlmoe: error: {err}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as err:  # a non-finite loss (TrainingError), a full disk while saving
-        print(f"dlmoe: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("dlmoe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI's one place that turns errors into one line
+        if debug:
+            raise
+        print(f"dlmoe: error: {error_line(err, getattr(args, 'command', None))}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1  # ValueError: bad input; a non-finite loss, a full disk: 1
     return 0
 
 

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+from dlmoe.precision import PRECISIONS, resolve_precision
+
+# a storage dtype: keep (the checkpoint's) is the default; auto = what this machine computes in fast
+STORAGE_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = ("keep", *PRECISIONS)
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +28,11 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", choices=("lladamoe", "llada2_moe"), help="write the run's model in this layout")
     p.add_argument("--block-size", type=int, default=32, help="LLaDA2 attention block (default 32, its sampler's)")
     p.add_argument("--mask-id", type=int, help="mask token id, when neither config.json nor tokenizer.json has it")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="weight dtype of the import")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="keep",
+        help="stored weight dtype of the import: keep = the checkpoint's (default), bf16, fp32, or auto = what "
+        "this machine computes in fast (bf16 on CUDA / AVX512-BF16 / AMX CPUs, else fp32)",
+    )  # fmt: skip
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="export shard size (default 5 GB)")
     p.set_defaults(func=convert)
 
@@ -39,7 +47,9 @@ def convert(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     source = Path(args.source)
     if args.export is None:
-        imported = import_checkpoint(source, dtype=DTYPES[args.dtype], block_size=args.block_size, mask_id=args.mask_id)
+        # an explicit bf16 is a storage choice here (half the disk), not a compute one: no emulation warning
+        dtype = resolve_precision("auto", _local_device()).dtype if args.dtype == "auto" else STORAGE_DTYPES[args.dtype]
+        imported = import_checkpoint(source, dtype=dtype, block_size=args.block_size, mask_id=args.mask_id)
         run = write_run_folder(imported, source, args.out)
         print(json.dumps({"imported": str(source), "format": imported.format, "run_dir": str(run)}))
         return
@@ -59,3 +69,8 @@ def convert(args: argparse.Namespace) -> None:
             if file.is_file():
                 shutil.copyfile(file, out / file.name)
     print(json.dumps({"exported": str(source), "format": args.export, "out": str(out)}))
+
+
+def _local_device() -> str:
+    """Where this machine would run the import: what `auto` resolves against."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,10 +2,12 @@
 
     dlmoe eval --run RUN_DIR [--text FILE ...] [--mcq FILE.jsonl ...] [--validation]
                [--method elbo|letter|both] [--mc-num 16] [--limit N] [--seed 0] [--out results.json]
+               [--device cpu|cuda|auto] [--dtype auto|bf16|fp32|keep]
 
 Prints one JSON line per evaluation: the run's validation ELBO (`--validation`, the default when
 no file is given), the ELBO bound and bits per byte of each `--text` file, the accuracy of each
-`--mcq` file per method (with a Wilson 95% interval and the chance level). Bad jsonl lines are
+`--mcq` file per method (with a Wilson 95% interval and the chance level), each with the weight
+dtype it ran in and why (`--dtype auto`: bf16 only where the hardware runs it natively). Bad jsonl lines are
 skipped and counted. Every input is checked before the model is loaded; `--out` refuses an
 existing file unless `--overwrite`.
 """
@@ -14,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from dlmoe._checks import check_int
+from dlmoe._fs import atomic_write_text
 from dlmoe.eval.mcq_file import McqData, read_mcq_jsonl
 from dlmoe.eval.multiple_choice import METHODS, letter_tokens, score_mcq
 from dlmoe.eval.perplexity import read_text_file, text_elbo
+from dlmoe.precision import PRECISIONS, Precision, resolve_precision
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +50,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", dest="seq_len", type=int, help="--text chunk length (default: the run's seq_len)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--dtype", default="auto", choices=[*PRECISIONS, "keep"],
+        help="weight dtype: auto = bf16 where the device runs it natively, else fp32; keep = the checkpoint's own "
+        "(default: auto; --validation runs on the CPU, so auto resolves there for it)",
+    )  # fmt: skip
     p.add_argument("--out", help="also write all results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
@@ -71,8 +78,9 @@ def run_eval(args: argparse.Namespace) -> None:
     mcqs = [read_mcq_jsonl(path, limit=args.limit) for path in args.mcq]
     methods = list(METHODS) if args.method == "both" else [args.method]
     device = _device(args.device)
+    precision = _precision(args.dtype, device)
     config, model, tokenizer = load_run(args.run)
-    model.to(device)
+    model.to(device=device, dtype=None if precision is None else precision.dtype)
     letter_form = None
     if "letter" in methods and any(data.items for data in mcqs):  # fail now, not after the ELBO pass
         letter_form = letter_tokens(tokenizer, max(len(item.choices) for data in mcqs for item in data.items)).form
@@ -88,7 +96,9 @@ def run_eval(args: argparse.Namespace) -> None:
     # 2. evaluations
     if args.validation or not (texts or mcqs):
         started = time.perf_counter()
-        emit({"eval": "validation"} | eval_ppl(args.run, seed=args.seed), started)
+        on_cpu = _precision(args.dtype, "cpu")  # eval_ppl runs on the CPU
+        validation = eval_ppl(args.run, seed=args.seed, dtype=None if on_cpu is None else on_cpu.dtype)
+        emit({"eval": "validation"} | validation | _dtype_fields(on_cpu), started)
     seq_len = args.seq_len if args.seq_len is not None else min(config.data.seq_len, config.model.max_seq_len)
     for path, text in texts.items():
         started = time.perf_counter()
@@ -96,7 +106,7 @@ def run_eval(args: argparse.Namespace) -> None:
             model, tokenizer, text, seq_len=seq_len, mc_num=args.mc_num, batch_size=args.batch_size,
             seed=args.seed, progress=progress,
         )  # fmt: skip
-        emit({"eval": "text", "file": path} | bound.as_dict(), started)
+        emit({"eval": "text", "file": path} | bound.as_dict() | _dtype_fields(precision), started)
     for data in mcqs:
         for method in methods:
             started = time.perf_counter()
@@ -105,7 +115,8 @@ def run_eval(args: argparse.Namespace) -> None:
                 seed=args.seed, progress=progress,
             )  # fmt: skip
             extra = {"letter_token": letter_form} if method == "letter" else {"mc_num": args.mc_num}
-            emit({"eval": "mcq", "file": data.path} | _mcq_record(data, result.as_dict()) | extra, started)
+            record = _mcq_record(data, result.as_dict()) | extra | _dtype_fields(precision)
+            emit({"eval": "mcq", "file": data.path} | record, started)
     # 3. the results file, written whole or not at all
     if out is not None:
         _write_json(out, {"results": [_rounded(r) for r in results]})
@@ -135,16 +146,8 @@ def _check_out(path: str | None, overwrite: bool) -> Path | None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written results."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic (temporary file in the same folder, then rename): no half-written results."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _device(name: str) -> torch.device:
@@ -153,6 +156,18 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available (allowed: auto, cpu, cuda)")
     return torch.device(name)
+
+
+def _precision(requested: str, device: torch.device | str) -> Precision | None:
+    """The run-time weight precision on `device`; None for `keep` (the checkpoint's own dtype)."""
+    return None if requested == "keep" else resolve_precision(requested, device)
+
+
+def _dtype_fields(precision: Precision | None) -> dict:
+    """What a result line says about its dtype: {"dtype", "dtype_reason"}."""
+    if precision is None:
+        return {"dtype": "keep", "dtype_reason": "keep: the checkpoint's own weights dtype"}
+    return {"dtype": precision.name, "dtype_reason": precision.reason}
 
 
 def _rounded(value: object) -> object:

@@ -1,7 +1,8 @@
 """`dlmoe sample`: generate from a trained run with any sampler of `dlmoe.sampling`.
 
 Prints one JSON line per generated text, then one `{"stats": ...}` line (forwards, unique experts
-per layer per forward, active FLOPs per generated token, tokens/s). The progress bar goes to stderr.
+per layer per forward, active FLOPs per generated token, tokens/s, the dtype and why). The progress
+bar goes to stderr.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from dlmoe._checks import check_float
 from dlmoe.config import BlockRoutingConfig
+from dlmoe.precision import PRECISIONS, resolve_precision
 from dlmoe.sampling import CACHE_MODES, CapacityPolicy
 
 
@@ -90,7 +90,11 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-at-eos", dest="stop_at_eos", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the model runs")
-    p.add_argument("--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="weight dtype at run time")
+    p.add_argument(
+        "--dtype", choices=(*PRECISIONS, "keep"), default="auto",
+        help="weight dtype at run time: auto = bf16 where the device runs it natively, else fp32; "
+        "keep = the checkpoint's own (default: auto)",
+    )  # fmt: skip
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(func=sample)
 
@@ -107,6 +111,7 @@ def sample(args: argparse.Namespace) -> None:
         check_float("--threshold", args.threshold, low=0.0, high=1.0, low_open=True)
     check_float("--cfg", args.cfg_scale, low=0.0)
     device = resolve_device(args.device)
+    precision = None if args.dtype == "keep" else resolve_precision(args.dtype, device)
     prompts = read_batch_file(args.batch_file) if args.batch_file else None
     base = read_run_config(args.run).sample
     fields = {k: v for k, v in vars(args).items() if k in SampleConfig.__dataclass_fields__ and v is not None}
@@ -125,11 +130,15 @@ def sample(args: argparse.Namespace) -> None:
         stop_at_eos=args.stop_at_eos,
         progress=not args.no_progress,
         device=device,
-        dtype={"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype],
+        dtype=None if precision is None else precision.dtype,
     )
     for prompt, text in zip(output.prompts, output.texts, strict=True):
         print(json.dumps({"prompt": prompt, "text": text}))
     stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in output.stats.as_dict().items()}
     if stats["unique_experts_by_layer"] is not None:
         stats["unique_experts_by_layer"] = [round(v, 2) for v in stats["unique_experts_by_layer"]]
+    if precision is None:
+        stats |= {"dtype": "keep", "dtype_reason": "keep: the checkpoint's own weights dtype"}
+    else:
+        stats |= {"dtype": precision.name, "dtype_reason": precision.reason}
     print(json.dumps({"stats": stats}))

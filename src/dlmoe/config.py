@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlmoe._checks import check_choice, check_float, check_int
+from dlmoe.precision import PRECISIONS
 from dlmoe.routing.expert_choice import GATES, POOLS, SELECT
 from dlmoe.routing.schedules import DEFAULT_SIGMA, SCHEDULE_NAMES, expected_k, validate_schedule
 from dlmoe.routing.token_choice import SCORE_FUNCTIONS
@@ -281,7 +282,7 @@ class DataConfig:
 
 
 LR_SCHEDULES = ("cosine", "wsd", "constant")
-DTYPES = ("bf16", "fp32")
+DTYPES = PRECISIONS  # auto: bf16 where the hardware runs it natively, else fp32 (dlmoe.precision)
 LOSS_WEIGHTINGS = ("elbo", "stable", "masked_mean")  # = dlmoe.diffusion.loss.WEIGHTINGS
 
 
@@ -308,7 +309,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto | bf16 | fp32
     seed: int = 0
     loss_weighting: str = "elbo"  # elbo | stable | masked_mean (dMoE: Σ CE / #masked)
     antithetic: bool = True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from dlmoe.config import BlockRoutingConfig, RunConfig, SampleConfig
-from dlmoe.config_io import run_config_from_dict
+from dlmoe.config_io import read_json, read_saved_run_config
 from dlmoe.data import load_tokenizer
 from dlmoe.diffusion.noise import add_mask_noise
 from dlmoe.model.hf import DlmoeForDiffusionLM
@@ -26,16 +25,28 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").is_file():
         raise ValueError(f"no trained model in {str(run_dir / 'model')!r} (train first: dlmoe train run_dir={run_dir})")
-    return run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    return read_saved_run_config(run_dir / "config.json")
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, DlmoeForDiffusionLM, object]:
-    """(config, model in eval mode, tokenizer) of a finished run (`<run_dir>/model`)."""
+    """(config, model in eval mode, tokenizer) of a finished run (`<run_dir>/model`).
+
+    Only safetensors weights are read: a model folder holding pickles instead (pytorch_model.bin,
+    *.pt) is refused before anything could unpickle them."""
     config = read_run_config(run_dir)
     model_dir = Path(run_dir) / "model"
+    read_json(model_dir / "config.json", "the run's model config is damaged: train the run again")
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickles:
+            raise ValueError(
+                f"{model_dir} holds {pickles[0]} (a pickle); dlmoe reads only safetensors — pickled weights can run "
+                "code when loaded, so they are never opened (convert them to model.safetensors with a tool you trust)"
+            )
+        raise ValueError(f"{model_dir} holds no model.safetensors: the run's model is missing (train the run again)")
     hf_logging.disable_progress_bar()  # transformers' per-tensor "Loading weights" bar is noise here
     try:
-        model = DlmoeForDiffusionLM.from_pretrained(model_dir).eval()
+        model = DlmoeForDiffusionLM.from_pretrained(model_dir, use_safetensors=True).eval()
     finally:
         hf_logging.enable_progress_bar()
     return config, model, load_tokenizer(model_dir)
@@ -127,11 +138,15 @@ def routing_by_mask_ratio(run_dir: str | Path, ratios: tuple[float, ...] = (0.1,
 
 
 @torch.no_grad()
-def eval_ppl(run_dir: str | Path, num_batches: int | None = None, seed: int = 1234) -> dict[str, float]:
-    """Validation ELBO (nats/token), perplexity upper bound exp(ELBO) and bits per byte."""
+def eval_ppl(
+    run_dir: str | Path, num_batches: int | None = None, seed: int = 1234, *, dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Validation ELBO (nats/token), perplexity upper bound exp(ELBO) and bits per byte, on the CPU
+    (weights cast to `dtype` when given)."""
     from dlmoe.diffusion.loss import masked_diffusion_loss
 
     config, model, _ = load_run(run_dir)
+    model = model.to(dtype=dtype)
     data = prepare_data(config, Path(run_dir))
     batches = data.validation_batches[:num_batches] if num_batches else data.validation_batches
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dlmoe.precision import resolve_precision
+
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {
     "router",
@@ -19,6 +21,7 @@ REQUIRED = {
     "world_size",
     "data_parallel",
     "dtype",
+    "dtype_reason",
     "step_ms_mean",
     "step_ms_std",
     "tokens_per_s",
@@ -45,11 +48,13 @@ def test_distributed_bench_quick_prints_every_case_and_the_ratios(tmp_path: Path
     assert meta["meta"] is True and meta["world_size"] == 2
     assert len(rows) == 1 + len(cases) + len(summaries)
 
+    auto = resolve_precision("auto", "cpu")  # the default: bf16 only where this CPU runs it natively
     by_case = {(r["router"], r["expert_parallel"]): r for r in cases}
     assert set(by_case) == {(router, ep) for router in ("expert_choice", "token_choice") for ep in (1, 2)}
     for (_, ep), row in by_case.items():
         assert row.keys() >= REQUIRED
-        assert row["world_size"] == 2 and row["data_parallel"] == "ddp" and row["dtype"] == "fp32"
+        assert row["world_size"] == 2 and row["data_parallel"] == "ddp" and row["dtype"] == auto.name
+        assert row["dtype_reason"] == auto.reason
         assert row["device"] == "cpu (1 threads per rank)"
         for key in ("step_ms_mean", "tokens_per_s", "rank_load_max_over_mean", "expert_load_max_over_mean"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)

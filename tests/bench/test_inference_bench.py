@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dlmoe.precision import resolve_precision
+
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {
     "case",
@@ -29,6 +31,8 @@ REQUIRED = {
     "repeats",
     "targets",
     "target_met",
+    "dtype",
+    "dtype_reason",
 }
 
 
@@ -47,8 +51,11 @@ def test_inference_bench_quick_prints_one_json_object_per_case() -> None:
     assert meta["model"]["total_params"] > meta["model"]["active_params"] > 0
     assert len(meta["prompt_lengths"]) == 8 and len(set(meta["prompt_lengths"])) == 8
     assert [r["section"] for r in cases] == ["a"] * 3 + ["b"] * 4 + ["c"] * 2
+    auto = resolve_precision("auto", "cpu")  # the default: bf16 only where this CPU runs it natively
+    assert meta["model"]["dtype"] == auto.name
     for row in cases:
         assert row.keys() >= REQUIRED
+        assert row["dtype"] == auto.name and row["dtype_reason"] == auto.reason
         assert row["ms"] > 0 and row["baseline_ms"] > 0
         assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ms"], rel=0.02, abs=2e-3)
         assert 0.0 <= row["token_agreement"] <= 1.0

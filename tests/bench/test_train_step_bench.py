@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from dlmoe.precision import resolve_precision
+
 ROOT = Path(__file__).resolve().parents[2]
 CASES = {"ec", "ec_linear_reverse", "tc_cf1.25", "tc_dropless", "dense"}
 REQUIRED = {
     "case",
+    "dtype",
+    "dtype_reason",
     "ms",
     "ms_std",
     "baseline_ms",
@@ -45,8 +49,10 @@ def test_train_step_bench_quick_prints_one_json_object_per_case() -> None:
     dense = by_case["dense"]
     assert dense["active_params"] == dense["total_params"]
     assert dense["ratio"] == pytest.approx(1.0, abs=2e-3)
+    auto = resolve_precision("auto", "cpu")  # the default: bf16 only where this CPU runs it natively
     for row in cases:
         assert row.keys() >= REQUIRED
+        assert row["dtype"] == auto.name and row["dtype_reason"] == auto.reason
         assert row["ms"] > 0 and row["baseline_ms"] > 0 and row["ms_std"] >= 0
         assert row["baseline_ms"] == dense["ms"]
         assert row["ratio"] == pytest.approx(row["baseline_ms"] / row["ms"], rel=0.02, abs=2e-3)

@@ -21,10 +21,8 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from dlmoe._checks import check_float, check_int
-from dlmoe._fs import fsync_path
+from dlmoe._fs import atomic_write
 from dlmoe.data.corpus import Corpus
 from dlmoe.data.packing import pack_documents, packed_length, split_documents
 from dlmoe.data.tokenizer import DocumentEncoder, document_encoder, special_ids, tokenizer_hash
@@ -115,10 +113,10 @@ def _build(
         write = functools.partial(
             _write_stream, documents=split_docs, eos_id=eos_id, dtype=dtype, num_tokens=num_tokens
         )
-        _atomic_write(_split_path(prefix, split), write)
+        atomic_write(_split_path(prefix, split), write)
         meta[f"num_documents_{split}"] = len(split_docs)
         meta[f"num_tokens_{split}"] = num_tokens
-    _atomic_write(prefix.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    atomic_write(prefix.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     logger.info(
         "tokenized %s (%d documents, %d + %d tokens) in %.1f s into %s",
         corpus.name,
@@ -155,19 +153,6 @@ def _write_stream(path: Path, documents: list[np.ndarray], eos_id: int, dtype: n
     pack_documents(documents, eos_id, out=stream_N)
     stream_N.flush()
     del stream_N  # close the map before the file is fsync-ed and renamed
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` into a temporary file next to `path`, make it durable, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)  # make the rename itself durable
 
 
 def _split_path(prefix: Path, split: str) -> Path:

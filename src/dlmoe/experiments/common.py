@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlmoe._fs import atomic_write_text
 from dlmoe.config import RunConfig
 from dlmoe.config_io import load_run_config
 from dlmoe.train.metrics import read_metrics
@@ -151,9 +152,7 @@ def prepare_output(out: str | Path, experiment: str, options: dict[str, Any], *,
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temp file + rename): a crash never leaves a half-written results file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

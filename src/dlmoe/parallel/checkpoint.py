@@ -20,6 +20,7 @@ every rank reads the full tensors and keeps its slice (`load_full_state`).
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -43,6 +45,7 @@ from dlmoe.train.checkpoint import (
     checkpoint_layout,
     finish_checkpoint,
     fsync_file,
+    load_state_bytes,
     raise_save_failure,
     verified_bytes,
     write_state_file,
@@ -203,6 +206,61 @@ def _any_rank(parallel: ParallelState, failed: bool) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
+_DCP_METADATA = ".metadata"
+_PATH_CLASSES = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` (a plain pickle that `dcp.load` reads with `pickle.load`) allowing
+    only the classes it is made of: DCP's metadata dataclasses, torch dtypes / Size / layouts, paths.
+    Anything else (os.system, eval, builtins, ...) is refused, never called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = None
+        if module == dcp_metadata.__name__:
+            obj = getattr(dcp_metadata, name, None)
+            obj = obj if isinstance(obj, type) and obj.__module__ == module else None
+        elif (module, name) in {
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+            ("torch.serialization", "_get_layout"),
+            ("torch", "Size"),
+            ("collections", "OrderedDict"),
+        } or (module in ("pathlib", "pathlib._local") and name in _PATH_CLASSES):
+            obj = super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            obj = getattr(torch, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+        return obj
+
+
+def _check_dcp_metadata(path: Path, data: bytes) -> None:
+    """Refuse a `.metadata` that would run code when DCP unpickles it, or that asks DCP to unpickle
+    entries with full pickle (BytesStorageMetadata: DCP reads those with torch.load(weights_only=False);
+    dlmoe saves only tensors), or that points DCP at files outside the checkpoint."""
+    where = f"checkpoint {path}: {DCP_DIR}/{_DCP_METADATA} cannot be loaded safely"
+    advice = (
+        f"it was not written by dlmoe or was altered after saving, and nothing in it was run (move {path} aside to "
+        "resume from an earlier checkpoint)"
+    )
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as error:  # UnpicklingError, EOFError, ...: one line either way
+        raise ValueError(
+            f"{where}: {str(error).splitlines()[0] if str(error) else type(error).__name__}; {advice}"
+        ) from None
+    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise ValueError(f"{where}: it holds a {type(metadata).__name__}, not DCP metadata; {advice}")
+    pickled = sorted(
+        k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, dcp_metadata.TensorStorageMetadata)
+    )
+    if pickled:
+        raise ValueError(f"{where}: entries {pickled[:3]} are not tensors (DCP would unpickle them); {advice}")
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if not isinstance(relative, str) or Path(relative).name != relative or relative.startswith("."):
+            raise ValueError(f"{where}: it names the data file {relative!r}, outside {DCP_DIR}/; {advice}")
+
 
 def load_sharded_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel: ParallelState | None
@@ -213,9 +271,12 @@ def load_sharded_checkpoint(
     first by `verified_bytes` / meta.json; keys and shapes are checked by DCP (a mismatch raises)."""
     path = Path(path)
     layout = checkpoint_layout(path)
-    state = torch.load(io.BytesIO(verified_bytes(path, STATE_FILE)), map_location="cpu", weights_only=True)
+    state = load_state_bytes(path, verified_bytes(path, STATE_FILE))  # weights_only; refusals are one line
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path}: {STATE_FILE} holds a {type(state).__name__}, not a state dict")
     targets = sharded_state(model, optimizer, parallel)
     if layout == "dcp":
+        _check_dcp_metadata(path, verified_bytes(path, f"{DCP_DIR}/{_DCP_METADATA}"))  # before DCP unpickles it
         _check_dcp_keys(path, targets)
         with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, as asked
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

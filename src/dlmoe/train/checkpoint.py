@@ -23,15 +23,19 @@ Why this shape:
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from dlmoe._checks import check_int
-from dlmoe._fs import fsync_path
+from dlmoe._fs import fsync_path, pid_alive, remove_stale_scratch, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -172,19 +176,61 @@ def finish_checkpoint(
         handle.flush()
         os.fsync(handle.fileno())
     fsync_path(tmp)
-    _move_into_place(tmp, final)
+    replace_folder(tmp, final)
     _prune(final.parent, newest=final, keep_last=keep_last)
 
 
 def raise_save_failure(error: BaseException, tmp: Path, final: Path, step: int) -> None:
-    """Remove the scratch directory and re-raise `error` as OSError / RuntimeError naming the step."""
+    """Remove the scratch directory and re-raise `error` as OSError / RuntimeError naming the step.
+
+    A full disk (ENOSPC, or how torch.save / safetensors word it) becomes OSError(ENOSPC, "disk full
+    while writing <step dir> (...); earlier checkpoints are intact (free space and rerun with --resume)")."""
     shutil.rmtree(tmp, ignore_errors=True)
     if not isinstance(error, Exception):  # KeyboardInterrupt / SystemExit pass through unchanged
         raise error
+    if is_disk_full(error):
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+        raise OSError(errno.ENOSPC, disk_full_message(final, f"checkpoint step {step}: {detail}")) from error
     message = f"saving checkpoint step {step} to {final} failed ({error}); earlier checkpoints are untouched"
     if isinstance(error, OSError):
         raise OSError(error.errno, message) from error
     raise RuntimeError(message) from error
+
+
+# how torch.save (PyTorchStreamWriter) and safetensors report a full disk without an errno
+_DISK_FULL_WORDING = ("file write failed", "No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is a full disk: OSError ENOSPC / EDQUOT, or
+    torch.save's RuntimeError ("... file write failed", "inline_container.cc ... unexpected pos")."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(current)
+        if any(words in text for words in _DISK_FULL_WORDING) or (
+            "inline_container" in text and "unexpected pos" in text
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def disk_full_message(path: str | Path | None, detail: str | None = None) -> str:
+    """The one line a full disk is reported as."""
+    where = f" {path}" if path is not None else " the run's files"
+    return (
+        f"disk full while writing{where}{f' ({detail})' if detail else ''}; earlier checkpoints are intact "
+        "(free space and rerun with --resume)"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -243,24 +289,6 @@ def write_state_file(path: Path, state: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is renamed aside first and deleted last."""
-    if not final.exists():
-        os.rename(tmp, final)
-        fsync_path(final.parent)
-        return
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        os.rename(old, final)  # put the previous version back
-        raise
-    fsync_path(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _remove_stale_scratch(ckpt_root: Path) -> None:
     """Delete `.tmp-*` / `.old-*` directories left by this pid or by processes that no longer exist."""
     for entry in ckpt_root.iterdir():
@@ -268,22 +296,11 @@ def _remove_stale_scratch(ckpt_root: Path) -> None:
         if match is None or not entry.is_dir():
             continue
         pid = int(match.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue  # another live process may be writing it right now
         logger.info("removing stale checkpoint scratch directory %s", entry)
         shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OverflowError:
-        return False
-    return True
+    remove_stale_scratch(ckpt_root)  # `.step_*.old-<pid>` left by an interrupted re-save
 
 
 def _prune(ckpt_root: Path, *, newest: Path, keep_last: int) -> None:
@@ -349,18 +366,51 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict:
         tensors = safetensors.torch.load(blobs[MODEL_FILE])
     except Exception as error:
         raise ValueError(f"checkpoint {path}: {MODEL_FILE} cannot be parsed: {error}") from error
-    try:
-        state = torch.load(io.BytesIO(blobs[STATE_FILE]), map_location="cpu", weights_only=True)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"checkpoint {path}: {STATE_FILE} cannot be loaded with weights_only=True: {first_line}"
-        ) from error
+    state = load_state_bytes(path, blobs[STATE_FILE])
     if not isinstance(state, dict) or state.get("step") != meta["step"]:
         raise ValueError(f"checkpoint {path}: {STATE_FILE} is not a state dict for step {meta['step']}")
     _check_matches_model(path, tensors, model)
     model.load_state_dict(tensors, strict=True)
     return state
+
+
+def load_state_bytes(path: Path, data: bytes) -> Any:
+    """The state.pt of the checkpoint at `path` (its verified bytes), read with torch.load(weights_only=True).
+
+    Nothing in the file can run: only a torch.save zip archive is handed to torch's weights-only
+    unpickler, which refuses every class and function outside tensors and plain containers. Any
+    refusal (a pickle calling os.system, a custom class, a truncated archive) is ONE-line ValueError
+    naming the checkpoint, never torch's multi-line advice to retry with weights_only=False."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        reason = "it is not a torch.save archive (truncated, corrupt, or a raw pickle, which is never unpickled)"
+    else:
+        try:
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to the refusal below
+                warnings.simplefilter("ignore")
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError, RuntimeError (bad archive), EOFError, ...
+            reason = _weights_only_refusal(error)
+    raise ValueError(
+        f"checkpoint {path}: {STATE_FILE} cannot be loaded safely (weights_only): {reason}; it was not written by "
+        f"dlmoe or was altered after saving, and nothing in it was run (move {path} aside to resume from an earlier "
+        "checkpoint)"
+    )
+
+
+def _weights_only_refusal(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words."""
+    text = str(error)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found:
+        return f"it references {found.group(1)}, which is not a tensor or plain container"
+    found = re.search(r"Unsupported operand \d+", text)
+    if found:
+        return f"it holds pickle instructions that only code-running pickles use ({found.group(0)})"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain containers"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    return f"the archive cannot be read ({first.split('. ')[0]})"
 
 
 def _check_matches_model(path: Path, tensors: dict[str, Tensor], model: nn.Module) -> None:

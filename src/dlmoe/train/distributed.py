@@ -12,13 +12,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from dlmoe._fs import staged_folder
 from dlmoe.config import RunConfig
 from dlmoe.config_io import run_config_to_dict
 from dlmoe.train.checkpoint import checkpoint_layout, latest_checkpoint, load_checkpoint, save_checkpoint
+
+T = TypeVar("T")
 
 
 class LocalRuntime:
@@ -81,8 +85,16 @@ class LocalRuntime:
             optimizer.load_state_dict(state["optimizer"])
         return state
 
-    def save_model(self, model, directory: Path) -> None:
-        model.save_pretrained(directory)
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the main process only and give every process its result (or its ValueError)."""
+        return fn()
+
+    def save_model(self, model, directory: Path, tokenizer) -> None:
+        """The model and its tokenizer as one Hugging Face folder, staged and renamed into place
+        (a kill while saving leaves the previous model folder, or none)."""
+        with staged_folder(directory, replace=True) as scratch:
+            model.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
 
     @contextlib.contextmanager
     def guard(self, run_dir: Path) -> Iterator[None]:
@@ -163,8 +175,23 @@ class DistributedRuntime(LocalRuntime):
 
         return load_sharded_checkpoint(path, model, optimizer, self.state)
 
-    def save_model(self, model, directory: Path) -> None:
-        """Rank 0 writes the single-process model (full experts): what `dlmoe sample` loads."""
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Rank 0 runs `fn`; every rank returns its result, or raises the same ValueError."""
+        outcome: tuple[bool, Any] = (True, None)
+        if self.is_main:
+            try:
+                outcome = (True, fn())
+            except ValueError as error:
+                outcome = (False, str(error))
+        gathered: list[Any] = [outcome]
+        torch.distributed.broadcast_object_list(gathered, src=0)
+        ok, value = gathered[0]
+        if not ok:
+            raise ValueError(value)
+        return value
+
+    def save_model(self, model, directory: Path, tokenizer) -> None:
+        """Rank 0 writes the single-process model (full experts) and the tokenizer: what `dlmoe sample` loads."""
         from dlmoe.model.hf import DlmoeForDiffusionLM
         from dlmoe.parallel.checkpoint import full_model_state
 
@@ -174,7 +201,7 @@ class DistributedRuntime(LocalRuntime):
                 full = DlmoeForDiffusionLM(model.config)
             full.load_state_dict(tensors, assign=True)
             full.tie_weights()
-            full.save_pretrained(directory)
+            super().save_model(full, directory, tokenizer)
         self.state.barrier()
 
     @contextlib.contextmanager

@@ -10,7 +10,7 @@ the source.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dlmoe.config import RunConfig
-from dlmoe.config_io import run_config_from_dict
+from dlmoe.config_io import read_saved_run_config
 from dlmoe.model.convert.files import CheckpointFiles
 from dlmoe.model.hf import DlmoeForDiffusionLM
 
@@ -76,10 +76,11 @@ class SourceRun:
                     "(a run writes it when it completes)"
                 )
         try:
-            saved = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{name}: {str(path / 'config.json')!r} is not valid JSON ({err})") from None
-        return cls(path, run_config_from_dict(saved))
+            saved = read_saved_run_config(path / "config.json")
+        except ValueError as err:
+            raise ValueError(f"{name}={str(path)!r}: {err}") from None
+        # the run is where it is now: a copied or moved run never points back at its old folder
+        return cls(path, dataclasses.replace(saved, run_dir=str(path)))
 
     def check_target(self, config: RunConfig, run_dir: Path) -> None:
         """The new run must keep the architecture, write elsewhere, and not hold another tokenizer."""

@@ -7,9 +7,11 @@ resume, so an interrupted-and-resumed run leaves the same file as an uninterrupt
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
+from dlmoe._fs import atomic_write, atomic_write_text
 from dlmoe.routing.dispatch import Dispatch
 
 COLUMNS = [
@@ -40,8 +42,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, *, resume_step: int | None = None) -> None:
         self.path = run_dir / "metrics.csv"
         if resume_step is None or not self.path.exists():
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(COLUMNS)
+            atomic_write_text(self.path, _csv_text([]))
         else:
             self._truncate_after(resume_step)
         try:
@@ -52,16 +53,15 @@ class MetricsLog:
             self.writer = None
 
     def _truncate_after(self, step: int) -> None:
-        with self.path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        """Keep the rows up to the checkpoint `step`; rewritten atomically (a kill keeps the old file)."""
+        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step]
+        atomic_write_text(self.path, _csv_text(rows))
 
     def write(self, row: dict[str, float]) -> None:
+        """Append one row in a single write (a kill can cut only this row, which readers skip)."""
+        line = _csv_text([{k: row.get(k, "") for k in COLUMNS}], header=False)
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow({k: row.get(k, "") for k in COLUMNS})
+            f.write(line)
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, float | int) and not math.isnan(value):
@@ -71,10 +71,29 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
 
+    def last_loss(self) -> float:
+        """The last training loss recorded (NaN when there is none)."""
+        losses = [float(r["loss"]) for r in read_metrics(self.path) if r["loss"]]
+        return losses[-1] if losses else math.nan
+
+
+def _csv_text(rows: list[dict], *, header: bool = True) -> str:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    """The complete rows of a metrics CSV: a last line cut short by a kill (no newline, or missing
+    fields) is skipped, never misread."""
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    return [r for r in rows if None not in r.values() and None not in r and r["step"].isdigit()]
 
 
 def plot_losses(metrics_csv: Path, out_png: Path) -> None:
@@ -97,5 +116,5 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,20 +28,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dlmoe._fs import atomic_write_json, remove_stale_scratch
 from dlmoe.config import RunConfig
-from dlmoe.config_io import save_run_config
+from dlmoe.config_io import run_config_from_dict, save_run_config
 from dlmoe.diffusion.loss import DiffusionLoss, loss_by_mask_ratio_bin, masked_diffusion_loss
 from dlmoe.diffusion.noise import NoisedBatch, add_mask_noise
 from dlmoe.model.flops import model_size
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
+from dlmoe.precision import hardware_info, resolve_precision
 from dlmoe.routing.routers import update_expert_biases
 from dlmoe.runtime import tune_cpu_malloc
 from dlmoe.train.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
-from dlmoe.train.data_setup import RunData, prepare_data
+from dlmoe.train.data_setup import RunData, check_corpus, prepare_data
 from dlmoe.train.distributed import LocalRuntime
 from dlmoe.train.init_from import SourceRun
 from dlmoe.train.metrics import MetricsLog, plot_losses, routing_summary
-from dlmoe.train.schedule import build_lr_schedule
+from dlmoe.train.run_folder import LOCK_FILE, RunLock, changed_keys, check_resume_config, clear_run, holds_run
+from dlmoe.train.schedule import build_lr_schedule, lr_multiplier
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,8 +81,16 @@ class Trainer:
     `runtime`: a `DistributedRuntime` for a rank of a torchrun world (default: one process)."""
 
     def __init__(
-        self, config: RunConfig, *, resume: bool = False, progress: bool = True, runtime: LocalRuntime | None = None
+        self,
+        config: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        runtime: LocalRuntime | None = None,
     ) -> None:
+        if resume and overwrite:
+            raise ValueError("--resume continues a run and --overwrite starts it over; pass one of them")
         self.run_dir = Path(config.run_dir)
         self.runtime = runtime = runtime or LocalRuntime()
         runtime.check_config(config)  # before anything is written
@@ -88,16 +100,64 @@ class Trainer:
                 f"train.batch_size={config.train.batch_size} (the global batch) is not divisible by the world size "
                 f"{runtime.world_size}; allowed: a multiple of {runtime.world_size}"
             )
+        self.device = runtime.device or resolve_device(config.train.device)
+        self.precision = resolve_precision(config.train.dtype, self.device)
+        source = None
+        if config.train.init_from is not None and not resume:
+            source = SourceRun.open(config.train.init_from)
+            source.check_target(config, self.run_dir)  # before anything is written
+        check_corpus(config)  # a corpus that cannot be split is refused before the run folder is touched
+        created = not self.run_dir.exists()
+        try:
+            self.checkpoint = runtime.on_main(lambda: self._open_run_folder(config, resume, overwrite))
+            self._setup(config, source)
+        except BaseException:
+            self.close()
+            if created and runtime.is_main:  # nothing of a run was written: leave no empty folder behind
+                _remove_if_only_lock(self.run_dir)
+            raise
+
+    def _open_run_folder(self, config: RunConfig, resume: bool, overwrite: bool) -> Path | None:
+        """Lock the run folder, then check that this launch may write there: `resume` needs a valid
+        checkpoint and settings that can be applied to it; a fresh run needs a folder holding no
+        run, or `overwrite` (which clears it). Returns the checkpoint to resume from."""
+        if resume and not self.run_dir.is_dir():
+            raise ValueError(f"--resume: run folder {str(self.run_dir)!r} does not exist")
+        self._lock = RunLock(self.run_dir).acquire()
+        remove_stale_scratch(self.run_dir)
+        if resume:
+            if not holds_run(self.run_dir):
+                raise ValueError(f"--resume: {str(self.run_dir)!r} holds no run to continue (no valid checkpoint)")
+            path = latest_checkpoint(self.run_dir)
+            if path is None:
+                raise ValueError(f"--resume: no valid checkpoint under {str(self.run_dir / 'checkpoints')!r}")
+            saved = read_saved_config(self.run_dir / "config.json")
+            step = int(path.name.removeprefix("step_"))
+            check_resume_config(saved, config, checkpoint_step=step)
+            changed = changed_keys(saved, config)
+            if changed:
+                self._say(f"resuming at step {step} with: {', '.join(changed)}")
+            return path
+        if holds_run(self.run_dir):
+            if not overwrite:
+                raise ValueError(
+                    f"run folder {str(self.run_dir)!r} already holds a run; pass --resume to continue it, "
+                    "--overwrite to delete it and start over, or choose another run_dir"
+                )
+            removed = clear_run(self.run_dir)
+            self._say(f"--overwrite: removed {', '.join(removed)} from {self.run_dir}")
+        elif overwrite and (self.run_dir / "tokenizer").exists():
+            clear_run(self.run_dir)
+        return None
+
+    def _setup(self, config: RunConfig, source: SourceRun | None) -> None:
+        runtime = self.runtime
         tune_cpu_malloc()
         if config.train.threads is not None:
             torch.set_num_threads(config.train.threads)
-        self.checkpoint = self._resume_point(resume)
-        self.device = runtime.device or resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
-        source = None
-        if config.train.init_from is not None and self.checkpoint is None:
-            source = SourceRun.open(config.train.init_from)
-            source.check_target(config, self.run_dir)  # before anything is written
+        if self.checkpoint is not None:
+            source = None  # a resumed fine-tune reads its own checkpoint, never the source
         tokenizer_from = source.tokenizer_dir if source is not None else None
         with runtime.main_first():  # rank 0 trains the tokenizer and fills the token cache
             self.data: RunData = prepare_data(config, self.run_dir, tokenizer_from=tokenizer_from)
@@ -120,6 +180,8 @@ class Trainer:
         self.config = replace(config, model=model_config)
         if runtime.is_main:
             save_run_config(self.config, self.run_dir / "config.json")
+            self._record_launch()
+            self._say(f"{self.run_dir}: {self.precision.name} on {self.device} ({self.precision.reason})")
         # A fresh model: every rank builds all of it on the CPU from the same seed (parallelising keeps
         # each rank's part, then moves it to the device). A fine-tune: built on the meta device, and
         # after the experts are sharded each rank reads only its part of the source's weights.
@@ -144,15 +206,35 @@ class Trainer:
         streams = 2 if model_config.attention == "block_causal" else 1
         self.flops_per_token = streams * model_size(model_config, streams * config.data.seq_len).forward_flops_per_token
 
-    def _resume_point(self, resume: bool) -> Path | None:
-        if not resume:
-            return None
-        if not self.run_dir.is_dir():
-            raise ValueError(f"--resume: run folder {str(self.run_dir)!r} does not exist")
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise ValueError(f"--resume: no valid checkpoint under {str(self.run_dir / 'checkpoints')!r}")
-        return path
+    def _record_launch(self) -> None:
+        """Append this launch (resolved precision, hardware, resume point) to `<run_dir>/run.json`."""
+        path = self.run_dir / "run.json"
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            record = {}  # a damaged record is replaced, never trusted
+        launch = {
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "resumed_from_step": int(self.checkpoint.name.removeprefix("step_")) if self.checkpoint else None,
+            "device": str(self.device),
+            "precision": self.precision.as_dict(),
+            "hardware": hardware_info().as_dict(),
+            "world_size": self.runtime.world_size,
+            "torch": torch.__version__,
+        }
+        record["launches"] = [*record.get("launches", []), launch]
+        atomic_write_json(path, record)
+
+    def _say(self, message: str) -> None:
+        """One line on stderr (main rank), above the progress bar."""
+        if self.runtime.is_main:
+            tqdm.write(f"dlmoe: {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Release the run folder (also done when the process exits)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         # no weight decay on norms, biases and router/embedding-free vectors (1-D parameters)
@@ -180,9 +262,22 @@ class Trainer:
         self.noise_generator.set_state(state["noise_generator"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
+        self._apply_optimizer_settings()
+
+    def _apply_optimizer_settings(self) -> None:
+        """The config's lr, betas and weight decay over what the checkpoint restored: a resume that
+        changes them trains with the new values (unchanged ones give the same numbers bit for bit)."""
+        t = self.config.train
+        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        multiplier = lr_multiplier(self.scheduler.last_epoch, t)
+        for group, decay in zip(self.optimizer.param_groups, (t.weight_decay, 0.0), strict=True):
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * multiplier
+            group["weight_decay"] = decay
+            group["betas"] = (t.beta1, t.beta2)
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.dtype == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.name == "bf16")
 
     def _loss(
         self, batch: torch.Tensor, generator: torch.Generator, weighting: str | None = None, *, validation: bool = False
@@ -293,12 +388,18 @@ class Trainer:
             if count[i] > 0
         ]
         if self.runtime.is_main:
-            (self.run_dir / "val_bins.json").write_text(json.dumps({"step": self.step, "bins": bins}, indent=1))
+            atomic_write_json(self.run_dir / "val_bins.json", {"step": self.step, "bins": bins}, indent=1)
         return {"val_loss": val, "val_bits_per_byte": val / math.log(2) / self.data.bytes_per_token}
 
     def fit(self) -> TrainSummary:
         t, runtime = self.config.train, self.runtime
-        start, tokens_per_s, last, val = time.perf_counter(), 0.0, {}, {}
+        start, tokens_per_s, last, val = time.perf_counter(), math.nan, {}, {}
+        nothing_left = self.step >= t.steps
+        if nothing_left:
+            self._say(
+                f"{self.run_dir} is already at step {self.step} of train.steps={t.steps}: nothing to train "
+                "(raise train.steps to continue it)"
+            )
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         try:
             with runtime.guard(self.run_dir):
@@ -319,21 +420,46 @@ class Trainer:
                         runtime.save_checkpoint(
                             self.run_dir, self.step, self.model, self.optimizer, self._state(), t.keep_last
                         )
-                runtime.save_model(self.model, self.run_dir / "model")
+                # also when nothing was left: a kill during the last save left the previous model
+                runtime.save_model(self.model, self.run_dir / "model", self.data.tokenizer)
                 val = val or self.evaluate()
+            if runtime.is_main:
+                plot_losses(self.metrics.path, self.run_dir / "loss.png")
         finally:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        if runtime.is_main:
-            self.data.tokenizer.save_pretrained(self.run_dir / "model")
-            plot_losses(self.metrics.path, self.run_dir / "loss.png")
+            self.close()
+        final_loss = last["loss"] if last else (self.metrics.last_loss() if self.metrics is not None else math.nan)
         return TrainSummary(
             self.run_dir,
             self.step,
-            float(last.get("loss", math.nan)),
+            final_loss,
             val["val_loss"],
             val["val_bits_per_byte"],
             tokens_per_s,
             time.perf_counter() - start,
         )
+
+
+def read_saved_config(path: Path) -> RunConfig:
+    """A run's saved `config.json`, or a ValueError naming the file and what to do."""
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is missing: the run's config was never written; start over with --overwrite")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON ({error}): the run's config is damaged; start over with --overwrite"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} does not hold a run config (a JSON object); start over with --overwrite")
+    return run_config_from_dict(data)
+
+
+def _remove_if_only_lock(run_dir: Path) -> None:
+    """Remove a run folder this process created when it holds nothing but the lock and scratch."""
+    entries = [e for e in run_dir.iterdir() if e.name != LOCK_FILE] if run_dir.is_dir() else None
+    if entries == []:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()

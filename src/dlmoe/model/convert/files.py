@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from dlmoe import _fs
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -119,10 +120,14 @@ def _tensor_directory(folder: Path) -> dict[str, TensorInfo]:
     else:
         shard_names = sorted(p.name for p in folder.glob("*.safetensors"))
         if not shard_names:
-            raise CheckpointError(
-                f"{str(folder)!r} is not a checkpoint: no {INDEX_FILE} and no *.safetensors files "
-                "(PyTorch .bin checkpoints are not supported: convert them to safetensors first)"
-            )
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+            if pickles:
+                raise CheckpointError(
+                    f"{str(folder)!r} holds {pickles[0]} (a pickle); dlmoe reads only safetensors — pickled "
+                    "weights can run code when loaded, so they are never opened (convert them to safetensors "
+                    "with a tool you trust)"
+                )
+            raise CheckpointError(f"{str(folder)!r} is not a checkpoint: no {INDEX_FILE} and no *.safetensors files")
     tensors: dict[str, TensorInfo] = {}
     for shard in shard_names:
         for name, info in _read_header(folder / shard).items():
@@ -157,22 +162,12 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
 @contextmanager
 def staged_folder(final: Path) -> Iterator[Path]:
     """A scratch folder beside `final`, renamed to `final` when the block succeeds and removed when
-    it fails: an interrupted import or export never leaves a half-written folder. `final` must not
-    exist or be an empty folder."""
+    it fails (`dlmoe._fs.staged_folder`): an interrupted import or export never leaves a
+    half-written folder. `final` must not exist or be an empty folder."""
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise CheckpointError(f"{str(final)!r} exists and is not an empty folder; choose a new one")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    try:
+    with _fs.staged_folder(final) as scratch:
         yield scratch
-        if final.exists():
-            final.rmdir()
-        os.rename(scratch, final)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
 
 
 def write_shards(folder: Path, tensors: Iterator[tuple[str, Tensor]], max_shard_bytes: int) -> list[str]:
@@ -196,5 +191,5 @@ def write_shards(folder: Path, tensors: Iterator[tuple[str, Tensor]], max_shard_
             weight_map[name] = file
             total += tensor.numel() * tensor.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    _fs.atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     return names
