@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dlmoe train --config configs/demo.yaml
+	$(BIN)/dlmoe train --config configs/demo.yaml --overwrite
 	$(BIN)/dlmoe sample --run runs/demo
 	$(BIN)/dlmoe routing-stats --run runs/demo
 	@echo "loss plot: runs/demo/loss.png   metrics: runs/demo/metrics.csv"

@@ -129,7 +129,8 @@ def trained_model(args: argparse.Namespace) -> tuple[DiffusionTransformer, list[
     facts: dict = {"run": str(run), "trained_now": False}
     if args.retrain or not (run / "model" / "config.json").is_file():
         print(f"training {run} from {args.config} ...", file=sys.stderr, flush=True)
-        summary = Trainer(load_run_config(args.config, [f"run_dir={run}"]), progress=False).fit()
+        config = load_run_config(args.config, [f"run_dir={run}"])
+        summary = Trainer(config, overwrite=args.retrain, progress=False).fit()
         facts |= {"trained_now": True, "train_s": round(summary.wall_s, 1)}
     config, hf_model, _ = load_run(run)
     facts |= {"train_steps": config.train.steps, "val_elbo": last_val_loss(run / "metrics.csv")}

@@ -51,10 +51,12 @@ def tiny(tmp_path: Path, run: str, **extra: object) -> list[str]:
 
 
 def error_of(capsys: pytest.CaptureFixture[str]) -> str:
-    """The one line a failed command printed on stderr (asserted to be exactly one)."""
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dlmoe: error: "), lines
-    return lines[0]
+    """The one error line a failed command printed last on stderr (after any progress notes), no traceback."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    errors = [line for line in lines if line.startswith("dlmoe: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, lines
+    return errors[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,8 +80,9 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path: Path, capsys, name: s
     marker = tmp_path / "marker"
     text, expected = BAD_CONFIGS[name]
     path = tmp_path / name
-    path.write_text(text.format(marker=marker))
-    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    path.write_text(text.replace("{marker}", str(marker)))
+    guard = [f"run_dir={tmp_path / 'runs'}", f"data.corpus={tmp_path / 'no-corpus'}"]  # never a real run
+    assert main(["train", "--config", str(path), "--no-progress", *guard]) == 2
     line = error_of(capsys)
     assert str(path) in line and re.search(expected, line), line
     assert ALLOWED in line
@@ -281,6 +284,14 @@ def test_disk_full_elsewhere_names_the_file(capsys, monkeypatch) -> None:
     monkeypatch.setattr(cli, "routing_stats", full)
     assert main(["routing-stats", "--run", "x"]) == 1
     assert error_of(capsys) == "dlmoe: error: disk full while writing /runs/x/metrics.csv; free space and rerun"
+
+    def wrapped(args):  # e.g. a collective failure raised from a checkpoint save that ran out of space
+        saved = OSError(errno.ENOSPC, "disk full while writing /runs/x/checkpoints/step_00000004 (...); earlier")
+        raise RuntimeError("rank 0 failed") from saved
+
+    monkeypatch.setattr(cli, "train", wrapped)
+    assert main(["train", "--no-progress"]) == 1
+    assert error_of(capsys) == "dlmoe: error: disk full while writing /runs/x/checkpoints/step_00000004 (...); earlier"
 
 
 # --------------------------------------------------------------------------------------------------

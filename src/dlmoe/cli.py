@@ -83,13 +83,12 @@ def train(args: argparse.Namespace) -> None:
 def _resume_base(config, args: argparse.Namespace, **fixed):
     """With --resume, the run's saved config is the base that --config and the overrides change
     (so `--resume train.steps=600` alone continues the run as it was configured)."""
-    from dlmoe.config_io import load_run_config, run_config_to_dict
-    from dlmoe.train.trainer import read_saved_config
+    from dlmoe.config_io import load_run_config, read_saved_run_config, run_config_to_dict
 
     saved_path = pathlib.Path(config.run_dir) / "config.json"
     if not args.resume or not saved_path.is_file():
         return config
-    base = run_config_to_dict(read_saved_config(saved_path)) | {"run_dir": config.run_dir}
+    base = run_config_to_dict(read_saved_run_config(saved_path)) | {"run_dir": config.run_dir}
     return load_run_config(args.config, args.overrides, base=base | fixed)
 
 
@@ -273,9 +272,14 @@ def error_line(err: BaseException, command: str | None = None) -> str:
     from dlmoe.train.checkpoint import disk_full_message, is_disk_full
 
     if is_disk_full(err):
-        if isinstance(err, OSError) and err.strerror and err.strerror.startswith("disk full"):
-            return err.strerror  # already names the file (checkpoint saves)
-        path = err.filename if isinstance(err, OSError) and err.filename else None
+        chain, current = [], err
+        while current is not None and current not in chain:  # the error and those it was raised from
+            chain.append(current)
+            current = current.__cause__ or current.__context__
+        for item in chain:
+            if isinstance(item, OSError) and item.strerror and item.strerror.startswith("disk full"):
+                return item.strerror  # already names the file (checkpoint saves: raise_save_failure)
+        path = next((item.filename for item in chain if isinstance(item, OSError) and item.filename), None)
         if command in ("train", "finetune"):
             return disk_full_message(path)
         return f"disk full while writing {path or 'the output'}; free space and rerun"

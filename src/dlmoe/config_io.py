@@ -24,7 +24,9 @@ from dlmoe._fs import atomic_write_text
 from dlmoe.config import RunConfig
 
 ALLOWED_CONFIG = "a YAML mapping of sections: run_dir, model, data, train, sample, parallel"
-RUN_CONFIG_DAMAGED = "the run's config is damaged: restore config.json from a copy of the run, or train the run again"
+RUN_CONFIG_DAMAGED = (
+    "the run's config is damaged: restore config.json from a copy of the run, or start the run over with --overwrite"
+)
 
 
 def read_json(path: str | Path, what: str, *, mapping: bool = True) -> Any:

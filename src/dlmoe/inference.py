@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").is_file():
         raise ValueError(f"no trained model in {str(run_dir / 'model')!r} (train first: dlmoe train run_dir={run_dir})")
-    return read_saved_run_config(run_dir / "config.json")
+    # the run is where it is now: a copied or moved run never points back at its old folder
+    return dataclasses.replace(read_saved_run_config(run_dir / "config.json"), run_dir=str(run_dir))
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, DlmoeForDiffusionLM, object]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dlmoe.config_io import load_run_config
-from dlmoe.inference import load_run
+from dlmoe.inference import load_run, read_run_config
 from dlmoe.train import Trainer
 from dlmoe.train.metrics import read_metrics
 from tests.train.test_trainer import losses, overrides
@@ -142,6 +142,7 @@ def test_finetune_from_a_copied_run_never_writes_into_the_original(tmp_path: Pat
     assert main(["finetune", "--from", str(tmp_path / "copy"), "--no-progress", "train.steps=1"]) == 0
     assert {p.name: digest(p) for p in (tmp_path / "orig").rglob("*") if p.is_file()} == before
     assert (tmp_path / "copy-ft" / "model" / "model.safetensors").is_file()
+    assert read_run_config(tmp_path / "copy").run_dir == str(tmp_path / "copy")  # not the original's
 
 
 def test_a_refused_resume_changes_nothing_and_an_accepted_one_applies_its_overrides(tmp_path: Path) -> None:
@@ -206,3 +207,12 @@ def test_run_records_the_resolved_precision(tmp_path: Path) -> None:
     assert launch["precision"]["requested"] == "auto"
     assert launch["precision"]["dtype"] == trainer.precision.name
     assert trainer.precision.dtype in (torch.float32, torch.bfloat16)
+
+
+def test_a_damaged_tokenizer_is_named_with_what_to_do(tmp_path: Path) -> None:
+    from dlmoe.data import load_tokenizer
+
+    Trainer(load_run_config(None, overrides(tmp_path, "run", **{"train.steps": 1})), progress=False).fit()
+    (tmp_path / "run" / "tokenizer" / "tokenizer.json").write_text("")  # what a non-atomic writer left
+    with pytest.raises(ValueError, match=r"tokenizer '.*run/tokenizer' cannot be read .*--overwrite"):
+        load_tokenizer(tmp_path / "run" / "tokenizer")

@@ -67,7 +67,14 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     directory = Path(directory).expanduser()
     if not (directory / "tokenizer.json").is_file():
         raise ValueError(f"directory must hold a saved tokenizer (tokenizer.json), got {str(directory)!r}")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    except Exception as error:  # a damaged file: tokenizers / json raise several exception types
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"tokenizer {str(directory)!r} cannot be read ({first_line}): its files are damaged; restore them, "
+            "or in a run folder start over with --overwrite (a run's copy is also in <run_dir>/model)"
+        ) from None
     special_ids(tokenizer)  # fail at load time, not at the first masked batch
     return tokenizer
 

@@ -92,9 +92,15 @@ class LocalRuntime:
     def save_model(self, model, directory: Path, tokenizer) -> None:
         """The model and its tokenizer as one Hugging Face folder, staged and renamed into place
         (a kill while saving leaves the previous model folder, or none)."""
-        with staged_folder(directory, replace=True) as scratch:
-            model.save_pretrained(scratch)
-            tokenizer.save_pretrained(scratch)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar is noise here
+        try:
+            with staged_folder(directory, replace=True) as scratch:
+                model.save_pretrained(scratch)
+                tokenizer.save_pretrained(scratch)
+        finally:
+            hf_logging.enable_progress_bar()
 
     @contextlib.contextmanager
     def guard(self, run_dir: Path) -> Iterator[None]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from dlmoe._fs import atomic_write_json, remove_stale_scratch
 from dlmoe.config import RunConfig
-from dlmoe.config_io import run_config_from_dict, save_run_config
+from dlmoe.config_io import read_saved_run_config, save_run_config
 from dlmoe.diffusion.loss import DiffusionLoss, loss_by_mask_ratio_bin, masked_diffusion_loss
 from dlmoe.diffusion.noise import NoisedBatch, add_mask_noise
 from dlmoe.model.flops import model_size
@@ -131,7 +131,7 @@ class Trainer:
             path = latest_checkpoint(self.run_dir)
             if path is None:
                 raise ValueError(f"--resume: no valid checkpoint under {str(self.run_dir / 'checkpoints')!r}")
-            saved = read_saved_config(self.run_dir / "config.json")
+            saved = read_saved_run_config(self.run_dir / "config.json")
             step = int(path.name.removeprefix("step_"))
             check_resume_config(saved, config, checkpoint_step=step)
             changed = changed_keys(saved, config)
@@ -440,21 +440,6 @@ class Trainer:
             tokens_per_s,
             time.perf_counter() - start,
         )
-
-
-def read_saved_config(path: Path) -> RunConfig:
-    """A run's saved `config.json`, or a ValueError naming the file and what to do."""
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} is missing: the run's config was never written; start over with --overwrite")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(
-            f"{str(path)!r} is not valid JSON ({error}): the run's config is damaged; start over with --overwrite"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} does not hold a run config (a JSON object); start over with --overwrite")
-    return run_config_from_dict(data)
 
 
 def _remove_if_only_lock(run_dir: Path) -> None:
