@@ -32,6 +32,7 @@ def sample(capsys: pytest.CaptureFixture[str], run_dir: Path, *args: str) -> tup
         ["--cache", "dual", "--threshold", "0.5"],
         ["--cache", "prefix", "--cfg", "0.5", "--temperature", "0.7"],
         ["--block-routing", "top_p=0.5,guard=2", "--cache", "dual", "--stop-at-eos"],
+        ["--suppress-tokens", "eos", "--suppress-commit-tokens", "5, 6"],
     ],
 )
 def test_sample_prints_texts_and_stats(capsys, run_dir, args) -> None:
@@ -68,6 +69,11 @@ def test_batch_file_runs_one_row_per_prompt(capsys, run_dir, tmp_path) -> None:
         (["--gen-length", "16", "--steps", "3"], "steps=3 must be a multiple of the number of blocks"),
         (["--gen-length", "64"], "exceeds the model's max_seq_len=64"),
         (["--prompt", "<|mask|>"], "must not contain mask_id"),
+        (["--suppress-tokens", "eos,x"], "--suppress-tokens takes token ids (ints, or 'eos') separated by commas"),
+        (["--suppress-commit-tokens", "1,,2"], "--suppress-commit-tokens takes token ids"),
+        (["--suppress-tokens", "99999"], "suppress_tokens[0] must be <="),
+        (["--suppress-tokens", "0"], "suppress_tokens must not hold mask_id=0"),
+        (["--suppress-tokens", "eos", "--suppress-commit-tokens", "EOS"], "are in both"),
     ],
 )
 def test_bad_input_is_one_clear_error(capsys, run_dir, args, match) -> None:
@@ -89,3 +95,30 @@ def test_parse_options() -> None:
     assert parse_options("top_p=0.5, guard=3", "--x", {"top_p": float, "guard": int}) == {"top_p": 0.5, "guard": 3}
     with pytest.raises(ValueError, match="key=value pairs"):
         parse_options("top_p", "--x", {"top_p": float})
+
+
+def test_suppress_options_reach_sample_text_with_eos_resolved(capsys, run_dir, monkeypatch) -> None:
+    import dlmoe.inference
+
+    eos = dlmoe.inference.read_run_config(run_dir).model.eos_id
+    assert isinstance(eos, int)
+    seen = {}
+
+    def fake_sample_text(run, sample, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(dlmoe.inference, "sample_text", fake_sample_text)
+    code, _, err = sample(capsys, run_dir, "--suppress-tokens", "eos, 7", "--suppress-commit-tokens", "3")
+    assert code == 2 and "stop here" in err
+    assert seen["suppress_tokens"] == [eos, 7] and seen["suppress_commit_tokens"] == [3]
+    code, _, err = sample(capsys, run_dir)
+    assert seen["suppress_tokens"] is None and seen["suppress_commit_tokens"] is None
+
+
+def test_suppressed_eos_is_never_generated(capsys, run_dir) -> None:
+    code, lines, err = sample(
+        capsys, run_dir, "--prompt", "The king", "--temperature", "1.0", "--suppress-tokens", "eos"
+    )
+    assert code == 0, err
+    assert all("<|endoftext|>" not in line["text"] for line in lines[:-1])

@@ -38,6 +38,12 @@ def _common(p: argparse.ArgumentParser, scales: dict) -> None:
     p.add_argument("--steps", type=int, help="training steps per variant (default: the scale's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
+        "--no-scaling-factor",
+        dest="no_scaling_factor",
+        action="store_true",
+        help="ablation: train without EC-DLM's routed-gate scaling factor (on by default, as in its scripts)",
+    )
+    p.add_argument(
         "--results-doc", dest="results_doc", help="also regenerate this experiment's section of e.g. docs/results.md"
     )
 
@@ -60,6 +66,7 @@ def _args(ns: argparse.Namespace, **extra: object):
         base_run=ns.base_run,
         mcq=tuple(getattr(ns, "mcq", ())),
         extra=dict(extra),
+        scaling_factor=not ns.no_scaling_factor,
     )
 
 

@@ -54,6 +54,28 @@ def capacity_option(text: str | None) -> CapacityPolicy | None:
     return CapacityPolicy(**values)
 
 
+def token_ids_option(text: str | None, option: str, eos_id: int | None) -> list[int] | None:
+    """'5,eos,17' → [5, eos_id, 17]: comma-separated token ids, `eos` meaning the model's EOS id.
+    The ranges (vocabulary, mask id) are checked by `generate`."""
+    if text is None:
+        return None
+    ids = []
+    for item in text.split(","):
+        raw = item.strip()
+        if raw.lower() == "eos":
+            if eos_id is None:
+                raise ValueError(f"{option}: 'eos' needs a model with an eos_id; this run has none")
+            ids.append(eos_id)
+            continue
+        try:
+            ids.append(int(raw))
+        except ValueError:
+            raise ValueError(
+                f"{option} takes token ids (ints, or 'eos') separated by commas, got {raw!r} in {text!r}"
+            ) from None
+    return ids
+
+
 def read_batch_file(path: str) -> list[str]:
     """One prompt per line; blank lines are refused (a common copy-paste slip), as is an empty file."""
     file = Path(path).expanduser()
@@ -88,6 +110,14 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         "--capacity", metavar="schedule=linear_reverse,k_min=2,k_max=6", help="expert-choice capacity over the steps"
     )
     p.add_argument("--stop-at-eos", dest="stop_at_eos", action="store_true")
+    p.add_argument(
+        "--suppress-tokens", dest="suppress_tokens", metavar="ID,ID",
+        help="token ids never proposed (logit −inf; 'eos' = the model's EOS: fill the whole length)",
+    )  # fmt: skip
+    p.add_argument(
+        "--suppress-commit-tokens", dest="suppress_commit_tokens", metavar="ID,ID",
+        help="token ids committed only when nothing else is left (confidence −inf; 'eos' = the model's EOS)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the model runs")
     p.add_argument(
@@ -113,7 +143,11 @@ def sample(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     precision = None if args.dtype == "keep" else resolve_precision(args.dtype, device)
     prompts = read_batch_file(args.batch_file) if args.batch_file else None
-    base = read_run_config(args.run).sample
+    run_config = read_run_config(args.run)
+    base = run_config.sample
+    eos_id = run_config.model.eos_id
+    suppress_tokens = token_ids_option(args.suppress_tokens, "--suppress-tokens", eos_id)
+    suppress_commit_tokens = token_ids_option(args.suppress_commit_tokens, "--suppress-commit-tokens", eos_id)
     fields = {k: v for k, v in vars(args).items() if k in SampleConfig.__dataclass_fields__ and v is not None}
     if prompts is not None and args.num_samples is None:
         fields["num_samples"] = 1
@@ -128,6 +162,8 @@ def sample(args: argparse.Namespace) -> None:
         block_routing=block_routing,
         capacity=capacity,
         stop_at_eos=args.stop_at_eos,
+        suppress_tokens=suppress_tokens,
+        suppress_commit_tokens=suppress_commit_tokens,
         progress=not args.no_progress,
         device=device,
         dtype=None if precision is None else precision.dtype,

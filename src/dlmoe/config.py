@@ -40,8 +40,18 @@ class RouterConfig:
     Token choice: `score`, `renormalize`, `capacity_factor` (None = dropless), `aux_loss_coef`,
     `expert_bias` (+ `bias_update_rate`), `n_group`/`topk_group`, `routed_scaling_factor`.
     Expert choice: `pool`, `select`, `gate`, and a timestep-dependent capacity
-    `capacity_schedule` with `k_min`, `k_max`, `schedule_sigma`.
-    Both: `block` (dMoE block routing: each block's tokens route only inside its coreset).
+    `capacity_schedule` with `k_min`, `k_max`, `schedule_sigma`. `gate`: "restricted" (softmax over
+    the experts that chose the token; EC-DLM), "full" (the full softmax score; Zhou et al.), or
+    "restricted_sigmoid" (σ(l) normalised over the experts that chose the token; EC-DLM's
+    `moe_router_activation_function=sigmoid`).
+    Both: `block` (dMoE block routing: each block's tokens route only inside its coreset), and
+    `scaling_factor`: EC-DLM's `--enable-scaling-factor` — a token's routed gates are multiplied by
+    f = E_z[√S / ‖p̂‖₂] (S = `moe.num_shared_experts`, p̂ its routed gates under random logits),
+    so the routed part has the shared experts' expected norm: one constant for token choice, a
+    table indexed by each token's routed count for expert choice (`dlmoe.routing.scaling`; applied
+    in `MoELayer`). Needs shared experts. Not `routed_scaling_factor`, LLaDA2 / DeepSeek-V3's
+    fixed hand-set multiplier (2.5) of the same gates: both answer how large the routed part is
+    next to the shared one, so they are refused together (the product would match neither model).
     """
 
     kind: str = "token_choice"
@@ -59,6 +69,7 @@ class RouterConfig:
     n_group: int | None = None
     topk_group: int | None = None
     routed_scaling_factor: float = 1.0
+    scaling_factor: bool = False  # EC-DLM's --enable-scaling-factor (both kinds; needs shared experts)
     block: BlockRoutingConfig | None = None
     # expert choice
     pool: str = "sequence"
@@ -81,6 +92,7 @@ class RouterConfig:
         check_float("router.bias_update_rate", self.bias_update_rate, low=0.0)
         check_float("router.routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
         self._check_groups()
+        self._check_scaling_factor()
         if self.bias_in_gate and not self.expert_bias:
             raise ValueError(
                 "router.bias_in_gate=true needs router.expert_bias=true (it puts that bias into the gates)"
@@ -121,6 +133,23 @@ class RouterConfig:
             if self.num_experts % self.n_group:
                 raise ValueError(f"router.n_group={self.n_group} must divide num_experts={self.num_experts}")
             check_int("router.topk_group", self.topk_group, low=1, high=self.n_group)
+
+    def _check_scaling_factor(self) -> None:
+        if not isinstance(self.scaling_factor, bool):
+            raise ValueError(f"router.scaling_factor must be a bool, got {self.scaling_factor!r}")
+        if not self.scaling_factor:
+            return
+        if self.routed_scaling_factor != 1.0:
+            raise ValueError(
+                "router.scaling_factor=true (EC-DLM's norm-matching factor) and "
+                f"router.routed_scaling_factor={self.routed_scaling_factor} (a fixed multiplier) both set the scale "
+                "of the routed gates; use one of them"
+            )
+        if self.kind == "expert_choice" and self.gate == "full":
+            raise ValueError(
+                "router.scaling_factor=true assumes a token's routed gates sum to 1 (router.gate='restricted' or "
+                "'restricted_sigmoid', EC-DLM's); router.gate='full' gives softmax weights over all experts"
+            )
 
     def _check_schedule(self) -> None:
         if self.capacity_schedule is None:
@@ -171,6 +200,11 @@ class MoEConfig:
         if self.shared_hidden is not None:
             check_int("moe.shared_hidden", self.shared_hidden, low=1)
         check_choice("moe.backend", self.backend, EXPERT_BACKENDS)
+        if self.router.scaling_factor and self.num_shared_experts == 0:
+            raise ValueError(
+                "moe.router.scaling_factor=true scales the routed gates to the norm of the shared experts, "
+                "but moe.num_shared_experts=0: set moe.num_shared_experts >= 1 or moe.router.scaling_factor=false"
+            )
 
     @property
     def shared_width(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def sample_text(
     block_routing: BlockRoutingConfig | None = None,
     capacity: CapacityPolicy | None = None,
     stop_at_eos: bool = False,
+    suppress_tokens: Sequence[int] | None = None,
+    suppress_commit_tokens: Sequence[int] | None = None,
     progress: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -113,6 +116,8 @@ def sample_text(
             capacity=capacity,
             eos_id=config.model.eos_id,
             stop_at_eos=stop_at_eos,
+            suppress_tokens=suppress_tokens,
+            suppress_commit_tokens=suppress_commit_tokens,
             generator=generator,
             callback=advance if progress else None,
         )

@@ -76,6 +76,7 @@ def test_output_folder_contract(cli_run):
     out, doc, _ = cli_run
     record = json.loads((out / "experiment.json").read_text())
     assert record["experiment"] == "ec-vs-tc" and record["options"]["steps"] == 3
+    assert record["options"]["scaling_factor"] is True  # EC-DLM's scripts: shared experts + scaling factor
     results = json.loads((out / "results.json").read_text())  # strict JSON: no NaN
     assert set(results["variants"]) == set(VARIANTS)
     for name, v in results["variants"].items():
@@ -86,6 +87,8 @@ def test_output_folder_contract(cli_run):
         assert [p["step"] for p in only["curve"]] == [1.0, 2.0, 3.0]
         assert (out / only["run_dir"] / "metrics.csv").is_file()
         assert not (out / only["run_dir"] / "checkpoints").exists()
+        router = json.loads((out / only["run_dir"] / "config.json").read_text())["model"]["moe"]["router"]
+        assert router["scaling_factor"] is True, name
     ec, tc_cf = results["variants"]["ec"], results["variants"]["tc_aux_cf1.25"]
     assert ec["load_max_over_mean"]["mean"] == pytest.approx(1.0)  # EC: every expert takes C tokens
     assert ec["experts_per_token"]["mean"] == pytest.approx(2.0) and ec["dropped_fraction"]["mean"] == 0.0
@@ -145,3 +148,14 @@ def test_gpu_scale_without_cuda_is_refused_before_writing(tiny_scale, corpus, tm
     with pytest.raises(ValueError, match="no CUDA device"):
         run(dataclasses.replace(make_args(tmp_path / "out", corpus), scale_name="gpu"))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_ablation_trains_without_the_scaling_factor_into_its_own_section(tiny_scale, corpus, tmp_path):
+    doc = tmp_path / "results.md"
+    args = dataclasses.replace(make_args(tmp_path / "out", corpus), steps=1, scaling_factor=False, results_doc=str(doc))
+    results = run(args)
+    assert results["options"]["scaling_factor"] is False
+    for v in results["variants"].values():
+        config = json.loads((tmp_path / "out" / v["runs"][0]["run_dir"] / "config.json").read_text())
+        assert config["model"]["moe"]["router"]["scaling_factor"] is False
+    assert "<!-- experiment:ec-vs-tc-no-scaling-factor -->" in doc.read_text()

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dlmoe.routing import block_route, token_choice, unique_experts_per_block
+from dlmoe.routing import block_expert_choice, block_route, token_choice, unique_experts_per_block
 from dlmoe.routing.block import block_votes, top_p_coreset
 from tests.routing.helpers import distinct_logits
 
@@ -61,21 +61,20 @@ def reference_votes(choice_BLE: torch.Tensor, k: int, block_size: int) -> list[l
 
 
 def reference_coreset_sizes(votes: list[float], top_p: float, guard: int) -> set[int]:
-    """Sizes allowed for the coreset: the smallest prefix reaching top_p, enlarged to `guard`.
+    """Sizes allowed for the coreset (dMoE): by descending vote, keep an expert while the mass
+    ranked above it is <= top_p (only voted experts; always the top-1), then enlarge to `guard`.
 
-    Where a cumulative vote lies within float rounding of top_p both neighbouring sizes are allowed.
+    Where the mass before an expert lies within float rounding of top_p both sizes are allowed.
     """
-    desc = sorted(votes, reverse=True)
-    cum = 0.0
-    sizes = set()
-    for m, v in enumerate(desc, start=1):
-        cum += v
-        if cum >= top_p - 1e-6:
-            sizes.add(max(m, guard))
-            if cum >= top_p + 1e-6:
-                break
-    if not sizes:  # rounding: the total is 1 up to ~1e-7
-        sizes.add(len(votes))
+    taken, before, sizes = 0, 0.0, set()
+    for v in sorted(votes, reverse=True):
+        if v <= 0 or before > top_p + 1e-6:
+            break
+        if taken and before >= top_p - 1e-6:  # within rounding: stopping here is allowed too
+            sizes.add(max(taken, guard))
+        taken += 1
+        before += v
+    sizes.add(max(taken, guard, 1))
     return sizes
 
 
@@ -283,7 +282,9 @@ def test_unique_experts_per_block_within_coreset(case: dict) -> None:
 def test_top_p_coreset_example() -> None:
     votes = torch.tensor([[[0.1, 0.5, 0.15, 0.25]]])
     assert top_p_coreset(votes, 0.6, 1).tolist() == [[[False, True, False, True]]]
-    assert top_p_coreset(votes, 0.5, 1).tolist() == [[[False, True, False, False]]]
+    # the top-1 alone holds 0.5: its mass reaches top_p = 0.5 but does not exceed it, so the next one is taken
+    assert top_p_coreset(votes, 0.5, 1).tolist() == [[[False, True, False, True]]]
+    assert top_p_coreset(votes, 0.49, 1).tolist() == [[[False, True, False, False]]]
     assert top_p_coreset(votes, 0.76, 1).tolist() == [[[False, True, True, True]]]
     assert top_p_coreset(votes, 0.6, 3).tolist() == [[[False, True, True, True]]]
     assert top_p_coreset(votes, 0.01, 1).tolist() == [[[False, True, False, False]]]  # always the top-1
@@ -296,3 +297,78 @@ def test_top_p_one_keeps_only_voted_experts() -> None:
     scores[0, torch.arange(5), torch.arange(5)] = 0.9
     d = block_route(scores, 1, block_size=5, top_p=1.0, guard=1)
     assert d.coreset_mask[0, 0].tolist() == [True] * 5 + [False] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the top-p boundary (dMoE): keep expert j while the vote mass before it is <= top_p
+
+
+def test_top_p_exact_ties_take_the_next_expert() -> None:
+    # votes exact in binary: expert 1 = 0.5, experts 0 and 3 = 0.25 (0 first on the tie), expert 2 none
+    votes = torch.tensor([[[0.25, 0.5, 0.0, 0.25]]])
+    cases = [
+        (0.25, 1, [False, True, False, False]),  # mass before expert 0 is 0.5 > 0.25
+        (0.4999, 1, [False, True, False, False]),
+        (0.5, 1, [True, True, False, False]),  # 0.5 reached, not exceeded: the next expert too
+        (0.625, 1, [True, True, False, False]),
+        (0.75, 1, [True, True, False, True]),  # 0.75 reached: the third voted expert too
+        (0.7499, 1, [True, True, False, False]),
+        (1.0, 1, [True, True, False, True]),  # every voted expert, no zero-vote one
+        (0.5, 4, [True, True, True, True]),  # the guard may add zero-vote experts
+        (1.0, 3, [True, True, False, True]),
+    ]
+    for top_p, guard, want in cases:
+        assert top_p_coreset(votes, top_p, guard).tolist() == [[want]], (top_p, guard)
+
+
+def test_top_p_one_keeps_every_voted_expert_whatever_the_rounding() -> None:
+    # normalised votes summing to slightly more than 1 in float: a mass before the last voted expert
+    # above 1.0 must not drop it at top_p = 1
+    raw = torch.tensor([1.0, 1e-9, 1e-9, 1e-9, 0.3, 0.0], dtype=torch.float64)
+    votes = (raw / raw.sum()).float().view(1, 1, -1)
+    assert top_p_coreset(votes, 1.0, 1).tolist() == [[[True] * 5 + [False]]]
+
+
+def dmoe_coreset(votes: list[float], top_p: float, guard: int) -> set[int]:
+    """dMoE's `block_experts_select` step by step: sort, cumsum, keep `cum <= p`, the first expert with
+    `cum > p` and the top-1; if fewer than `guard`, the top-`guard` by vote instead."""
+    order = sorted(range(len(votes)), key=lambda e: -votes[e])
+    keep, cum, exceeded = set(), 0.0, False
+    for j, e in enumerate(order):
+        cum += votes[e]
+        if cum <= top_p or j == 0 or (cum > top_p and not exceeded):
+            keep.add(e)
+        exceeded = exceeded or cum > top_p
+    return set(order[:guard]) if len(keep) < guard else keep
+
+
+@given(st.lists(st.integers(0, 8), min_size=1, max_size=9), st.integers(1, 128), st.integers(1, 10))
+def test_top_p_coreset_matches_dmoe_on_exact_votes(counts: list[int], p128: int, guard: int) -> None:
+    # votes c / 2^m (a last count fills the total up to 2^m) and top_p = j / 128: every sum is exact,
+    # so cumulative votes hit top_p exactly in many draws
+    scale = 1 << max(sum(counts), 1).bit_length()
+    counts = [*counts, scale - sum(counts)]
+    votes = [c / scale for c in counts]
+    num_experts = len(votes)
+    guard = min(guard, num_experts)
+    top_p = p128 / 128
+    got = top_p_coreset(torch.tensor(votes).view(1, 1, -1), top_p, guard)[0, 0]
+    order = sorted(range(num_experts), key=lambda e: -votes[e])
+    # dMoE's rule, except that a zero-vote expert enters only through the guard
+    want = {e for e in dmoe_coreset(votes, top_p, guard) if votes[e] > 0 or e in order[:guard]}
+    assert set(got.nonzero().flatten().tolist()) == want, (votes, top_p, guard)
+
+
+def test_exact_tie_in_block_route_and_block_expert_choice() -> None:
+    # one block of 4 tokens, k = 1, one-hot softmax (exp(-200) is 0 in float32): tokens 0, 1 vote
+    # for expert 0, token 2 for expert 1, token 3 for expert 2 -> votes [0.5, 0.25, 0.25, 0]
+    logits = torch.full((1, 4, 4), -200.0)
+    logits[0, [0, 1, 2, 3], [0, 0, 1, 2]] = 0.0
+    scores = torch.softmax(logits, -1)
+    assert block_votes(scores, 1, 4).tolist() == [[[0.5, 0.25, 0.25, 0.0]]]
+    for top_p, want in [(0.4, [True, False, False, False]), (0.5, [True, True, False, False]),
+                        (0.75, [True, True, True, False]), (1.0, [True, True, True, False])]:  # fmt: skip
+        tc = block_route(scores, 1, block_size=4, top_p=top_p, guard=1)
+        ec = block_expert_choice(logits, 1, block_size=4, top_p=top_p, guard=1)
+        assert tc.coreset_mask[0, 0].tolist() == want, top_p
+        assert ec.coreset_mask[0, 0].tolist() == want, top_p

@@ -40,7 +40,7 @@ def bec_cases(draw: st.DrawFn) -> dict:
         "top_p": draw(st.sampled_from([1.0, 0.9, 0.6, 0.3, 0.05])),
         "guard": draw(st.integers(1, num_experts)),
         "select": draw(st.sampled_from(["logit", "score"])),
-        "gate": draw(st.sampled_from(["restricted", "full"])),
+        "gate": draw(st.sampled_from(["restricted", "full", "restricted_sigmoid"])),
     }
 
 
@@ -93,9 +93,12 @@ def reference(case: dict, coreset_mask: torch.Tensor) -> tuple[list[list[list[fl
     flat = logits.reshape(-1, num_experts)
     slots = {}
     for t, experts in chosen.items():
-        gates = (
-            torch.softmax(flat[t, experts], 0) if case["gate"] == "restricted" else torch.softmax(flat[t], 0)[experts]
-        )
+        if case["gate"] == "restricted":
+            gates = torch.softmax(flat[t, experts], 0)
+        elif case["gate"] == "restricted_sigmoid":
+            gates = torch.sigmoid(flat[t, experts]) / torch.sigmoid(flat[t, experts]).sum()
+        else:
+            gates = torch.softmax(flat[t], 0)[experts]
         slots |= {(t, e): float(g) for e, g in zip(experts, gates.tolist(), strict=True)}
     return votes, slots
 
@@ -150,7 +153,7 @@ def test_budget_and_coreset_properties(case: dict) -> None:
             assert used == len(core) * cap
             if n * ks[b] >= len(core):  # the same budget as EC: at most n·k slots
                 assert used <= n * ks[b]
-    if case["gate"] == "restricted" and d.num_slots:
+    if case["gate"] in ("restricted", "restricted_sigmoid") and d.num_slots:
         sums = torch.zeros(batch * length).index_add_(0, d.token_index, d.gate)
         chosen = torch.bincount(d.token_index, minlength=batch * length) > 0
         torch.testing.assert_close(sums[chosen], torch.ones(int(chosen.sum())))

@@ -69,7 +69,7 @@ def test_expert_choice_sequence_pool_padding_invariance(case: dict, data: st.Dat
     ks = [data.draw(st.integers(1, num_experts)) for _ in range(batch)]
     per_row = data.draw(st.booleans())
     select = data.draw(st.sampled_from(["logit", "score"]))
-    gate = data.draw(st.sampled_from(["restricted", "full"]))
+    gate = data.draw(st.sampled_from(["restricted", "full", "restricted_sigmoid"]))
 
     def route(logits, valid, block_ids, row):
         k = row_k(ks, row) if per_row else ks[0]
@@ -101,7 +101,7 @@ def test_block_expert_choice_padding_invariance(case: dict, data: st.DataObject)
     guard = data.draw(st.integers(1, num_experts))
     top_p = data.draw(st.sampled_from([1.0, 0.9, 0.6, 0.3]))
     select = data.draw(st.sampled_from(["logit", "score"]))
-    gate = data.draw(st.sampled_from(["restricted", "full"]))
+    gate = data.draw(st.sampled_from(["restricted", "full", "restricted_sigmoid"]))
 
     def route(logits, valid, block_ids, row):
         k = row_k(ks, row) if per_row else ks[0]

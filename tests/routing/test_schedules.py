@@ -192,3 +192,33 @@ def test_expected_k_includes_capacity_floor() -> None:
     # floor(L·k/E) truncation lowers the active experts: L=10, E=8, k=4 -> C=5, 8·5/10 = 4; k=3 -> C=3 -> 2.4
     assert expected_k("constant", 3, 3, seq_len=10, num_experts=8) == pytest.approx(2.4, abs=1e-9)
     assert ec_capacity(torch.tensor([1, 3, 4]), 10, 8).tolist() == [1, 3, 5]
+
+
+def test_k_is_rounded_in_float32_as_ec_dlm_does() -> None:
+    # linear_reverse, k ∈ [2, 14] (EC-DLM's Nemotron script), r = 23/24: 2 + 12·(1 − r) rounds to 2 in float64
+    # and to 3 in float32; EC-DLM's mask ratio and schedule are float32 tensors, so it gets 3, and so do we
+    r64 = torch.tensor([23 / 24], dtype=torch.float64)
+    assert torch.round(2 + 12 * (1 - r64)).item() == 2
+    for dtype in (torch.float32, torch.float64):
+        assert dynamic_k(r64.to(dtype), "linear_reverse", 2, 14).tolist() == [3]
+    # EC-DLM's reference rule written out: float32 r, float32 s, torch.round
+    L = 6 * 7
+    r32 = torch.arange(1, L + 1, dtype=torch.float32) / L
+    for name, s32 in {
+        "linear": r32,
+        "linear_reverse": 1.0 - r32,
+        "cosine": 0.5 * (1.0 + torch.cos(math.pi * (1.0 - r32))),
+        "cosine_reverse": 0.5 * (1.0 + torch.cos(math.pi * r32)),
+    }.items():
+        reference = torch.round(1 + (4 - 1) * s32).clamp(1, 4).to(torch.int64)
+        assert torch.equal(dynamic_k(r32, name, 1, 4), reference), name
+
+
+def test_expected_k_sums_the_k_that_dynamic_k_applies() -> None:
+    L = 60  # many half-integer landings for k ∈ [1, 4]
+    m = torch.arange(1, L + 1, dtype=torch.float64)
+    weights = torch.full((L,), 1.0 / (L + 1), dtype=torch.float64)
+    weights[0] += 1.0 / (L + 1)  # a row with no masked token gets one
+    for name in ("linear", "linear_reverse", "cosine", "cosine_reverse", "gaussian"):
+        k = dynamic_k((m / L).to(torch.float32), name, 1, 4).to(torch.float64)
+        assert expected_k(name, 1, 4, seq_len=L) == pytest.approx(float((k * weights).sum()), abs=1e-12), name

@@ -38,6 +38,12 @@ class ExperimentArgs:
     base_run: str | None = None  # a finished run to start from, where the experiment needs one
     mcq: tuple[str, ...] = ()  # multiple-choice jsonl files for quality (block-routing)
     extra: dict[str, Any] = field(default_factory=dict)  # experiment-specific options
+    # EC-DLM's scripts all pass --enable-scaling-factor with shared experts; False = the ablation
+    scaling_factor: bool = True
+
+    def report_name(self, name: str) -> str:
+        """The experiment's name in reports (docs/results.md sections): the ablation gets its own."""
+        return name if self.scaling_factor else f"{name}-no-scaling-factor"
 
     @property
     def scale(self) -> Scale:

@@ -28,13 +28,22 @@ REPLICATE_SEED_OFFSET = 1000  # replicate streams stay clear of a base run's own
 
 
 def base_run(
-    given: str | None, out: Path, scale: Scale, corpus: str, variant: dict[str, Any], *, name: str = "--base-run"
+    given: str | None,
+    out: Path,
+    scale: Scale,
+    corpus: str,
+    variant: dict[str, Any],
+    *,
+    scaling_factor: bool,
+    name: str = "--base-run",
 ) -> tuple[SourceRun, bool]:
     """(the run to start from, whether it was trained here): `given`, or a run trained at `scale` in `out/base`."""
     if given is not None:
         return SourceRun.open(given, name=name), False
     run_dir = out / "base"
-    config = variant_config(scale_overrides(scale, run_dir, corpus, out / ".cache"), variant)
+    config = variant_config(
+        scale_overrides(scale, run_dir, corpus, out / ".cache", scaling_factor=scaling_factor), variant
+    )
     Trainer(config, progress=False).fit()
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # model/ is what fine-tunes read
     return SourceRun.open(run_dir), True

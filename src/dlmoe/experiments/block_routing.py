@@ -91,7 +91,8 @@ def run(args: ExperimentArgs) -> dict:
 
 
 def _train_base(out: Path, args: ExperimentArgs, steps: int) -> Path:
-    overrides = scale_overrides(args.scale, out / "base", args.corpus, out / ".cache")
+    # dMoE's recipe (LLaDA2-style token choice) has no EC-DLM scaling factor
+    overrides = scale_overrides(args.scale, out / "base", args.corpus, out / ".cache", scaling_factor=False)
     variant = {"model.moe.router.kind": "token_choice", "model.moe.router.score": "sigmoid",
                "model.moe.router.expert_bias": True, "train.steps": steps, "train.checkpoint_every": steps}  # fmt: skip
     return Trainer(variant_config(overrides, variant), progress=False).fit().run_dir

@@ -139,9 +139,10 @@ def run(args: ExperimentArgs) -> dict:
         "schedules": schedules,
         "k_range": [k_min, k_max],
         "allow_unmatched": args.allow_unmatched,
+        "scaling_factor": args.scaling_factor,
     }
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
-    base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache")
+    base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
     runs: dict[str, list[VariantRun]] = {name: [] for name in schedules}
     for seed in range(args.seeds):  # seed-major: one seed's schedules share init, data split and validation noise
         for name in schedules:
@@ -155,7 +156,7 @@ def run(args: ExperimentArgs) -> dict:
     }
     plots = [plot_bins(results, out / "per_bin_loss.png"), plot_final(results, out / "final_loss.png")]
     results = finite(results)
-    finish_report(out, NAME, results, report(results), plots, args.results_doc)
+    finish_report(out, args.report_name(NAME), results, report(results), plots, args.results_doc)
     return results
 
 

@@ -79,8 +79,11 @@ SCALES: dict[str, Scale] = {
 }
 
 
-def scale_overrides(scale: Scale, run_dir: Path, corpus: str, cache_dir: Path) -> dict[str, Any]:
-    """Dotted overrides of a small EC-ready MoE diffusion LM at `scale` (router kind set by the variant)."""
+def scale_overrides(
+    scale: Scale, run_dir: Path, corpus: str, cache_dir: Path, *, scaling_factor: bool
+) -> dict[str, Any]:
+    """Dotted overrides of a small EC-ready MoE diffusion LM at `scale` (router kind set by the variant):
+    one shared expert, z-loss 1e-3 and, with `scaling_factor`, EC-DLM's norm-matching routed-gate factor."""
     return {
         "run_dir": str(run_dir),
         "data.corpus": corpus,
@@ -97,6 +100,7 @@ def scale_overrides(scale: Scale, run_dir: Path, corpus: str, cache_dir: Path) -
         "model.moe.router.num_experts": scale.num_experts,
         "model.moe.router.num_experts_per_tok": scale.experts_per_token,
         "model.moe.router.z_loss_coef": 1e-3,
+        "model.moe.router.scaling_factor": scaling_factor,
         "train.steps": scale.steps,
         "train.batch_size": scale.batch_size,
         "train.lr": 3e-3,

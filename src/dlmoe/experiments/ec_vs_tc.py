@@ -158,9 +158,10 @@ def run(args: ExperimentArgs) -> dict:
     scale = experiment_scale(args, LAPTOP)
     ec_active = check_static_ec_flops(scale, allow_unmatched=args.allow_unmatched)
     options = {"scale": args.scale_name, "scale_values": dataclasses.asdict(scale), "corpus": args.corpus,
-               "seeds": args.seeds, "steps": scale.steps, "variants": list(VARIANTS)}  # fmt: skip
+               "seeds": args.seeds, "steps": scale.steps, "variants": list(VARIANTS),
+               "scaling_factor": args.scaling_factor}  # fmt: skip
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
-    base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache")
+    base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
     runs: dict[str, list[VariantRun]] = {name: [] for name in VARIANTS}
     for seed in range(args.seeds):  # seed-major: variants of one seed share init, data split and noise
         for name, (_, overrides) in VARIANTS.items():
@@ -168,7 +169,7 @@ def run(args: ExperimentArgs) -> dict:
     results = summarise(runs, scale, ec_active) | {"experiment": NAME, "options": options}
     plots = [plot_validation(runs, out / "val_loss.png"), plot_routing(runs, out / "routing.png")]
     results = finite(results)
-    finish_report(out, NAME, results, report(results), plots, args.results_doc)
+    finish_report(out, args.report_name(NAME), results, report(results), plots, args.results_doc)
     return results
 
 

@@ -132,9 +132,11 @@ def run(args: ExperimentArgs) -> dict:
     if args.base_run is not None:
         SourceRun.open(args.base_run, name="--base-run")  # a bad path fails before --out is touched
     options = {"scale": args.scale_name, "corpus": args.corpus, "seeds": args.seeds, "steps": steps}
-    options |= {"num_bins": num_bins, "base_run": args.base_run}
+    options |= {"num_bins": num_bins, "base_run": args.base_run, "scaling_factor": args.scaling_factor}
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
-    source, trained = base_run(args.base_run, out, args.scale, args.corpus, BASE_VARIANT)
+    source, trained = base_run(
+        args.base_run, out, args.scale, args.corpus, BASE_VARIANT, scaling_factor=args.scaling_factor
+    )
     lr = source.config.train.lr * source.config.train.min_lr_ratio
     shared = probe_overrides(args.scale, steps, lr, eval_every=steps) | {"train.loss_weighting": LOSS_WEIGHTING}
     probes: list[dict[str, Any]] = []
@@ -165,7 +167,7 @@ def run(args: ExperimentArgs) -> dict:
     results = summarize(probes, mask_ratio_bins(num_bins), settings)
     plots = [plot_efficiency(results, out / "efficiency.png"), plot_ce_change(results, out / "ce_change.png")]
     safe = finite(results)
-    finish_report(out, NAME, safe, report_markdown(results), plots, args.results_doc)
+    finish_report(out, args.report_name(NAME), safe, report_markdown(results), plots, args.results_doc)
     return safe
 
 

@@ -137,9 +137,11 @@ def run(args: ExperimentArgs) -> dict:
     if args.base_run is not None:  # bad input fails before --out is touched
         check_source(SourceRun.open(args.base_run, name="--from"))
     options = {"scale": args.scale_name, "corpus": args.corpus, "seeds": args.seeds, "steps": steps}
-    options |= {"base_run": args.base_run, "reinit_router": reinit}
+    options |= {"base_run": args.base_run, "reinit_router": reinit, "scaling_factor": args.scaling_factor}
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
-    source, trained = base_run(args.base_run, out, args.scale, args.corpus, BASE_VARIANT, name="--from")
+    source, trained = base_run(
+        args.base_run, out, args.scale, args.corpus, BASE_VARIANT, scaling_factor=args.scaling_factor, name="--from"
+    )
     lr = source.config.train.lr * source.config.train.min_lr_ratio
     shared = probe_overrides(args.scale, steps, lr, eval_every=min(args.scale.eval_every, steps))
     saved = router_weights(DlmoeForDiffusionLM.from_pretrained(source.path / MODEL_DIR))
@@ -166,7 +168,7 @@ def run(args: ExperimentArgs) -> dict:
     }
     results = finite({"experiment": NAME, "settings": settings, "arms": arms, "summary": summarize(arms)})
     plots = [plot_curves(arms, out / "validation.png"), plot_costs(arms, out / "throughput_balance.png")]
-    finish_report(out, NAME, results, report_markdown(results), plots, args.results_doc)
+    finish_report(out, args.report_name(NAME), results, report_markdown(results), plots, args.results_doc)
     return results
 
 

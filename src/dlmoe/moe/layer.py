@@ -5,8 +5,10 @@ Letters: B batch, L length, N = B·L tokens, D model width, S slots.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from dlmoe._checks import check_int, check_tensor
@@ -15,6 +17,7 @@ from dlmoe.moe.experts import Experts, SwiGLU
 from dlmoe.routing.context import RoutingContext
 from dlmoe.routing.dispatch import Dispatch
 from dlmoe.routing.routers import build_router
+from dlmoe.routing.scaling import ec_scaling_table, tc_scaling_factor
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,10 @@ class MoELayer(nn.Module):
     Forward, in order:
       1. route: the router turns x [B, L, D] (and the per-sample mask ratio, and the per-forward
          `RoutingContext`: padding, blocks, block routing, EC capacity) into a `Dispatch`;
+         with `router.scaling_factor` (EC-DLM's `--enable-scaling-factor`) its gates are then
+         multiplied by f (`dlmoe.routing.scaling`): token choice by one constant, expert choice
+         by f(number of slots the token received in this dispatch) — here, once, so block
+         routing, expert parallelism and an inference EC capacity are all covered;
       2. dispatch: gather the rows of x each slot carries, sorted by expert → [S, D];
       3. experts: `self.experts(rows, counts, gates)` → gate · Expert(row) — the one place expert
          parallelism wraps;
@@ -45,6 +52,18 @@ class MoELayer(nn.Module):
         self.router = build_router(config.router, dim)
         self.experts = Experts(config.router.num_experts, dim, config.expert_hidden, config.backend)
         self.shared_experts = SwiGLU(dim, config.shared_width) if config.shared_width else None
+        # EC-DLM's scaling factor: not a buffer (a pure function of the config, and transformers'
+        # meta-device loading leaves non-persistent buffers uninitialised); the EC table is copied
+        # once per device, so a forward reads it without a host sync
+        router = config.router
+        self._tc_scale: float | None = None
+        self._ec_table_cpu: Tensor | None = None
+        self._ec_tables: dict[torch.device, Tensor] = {}
+        if router.scaling_factor and router.kind == "token_choice":
+            k, shared = router.num_experts_per_tok, config.num_shared_experts
+            self._tc_scale = tc_scaling_factor(router.num_experts, k, shared, router.score, router.renormalize)
+        elif router.scaling_factor:
+            self._ec_table_cpu = ec_scaling_table(router.num_experts, config.num_shared_experts)
 
     def forward(
         self, x_BLD: Tensor, mask_ratio: Tensor | None = None, context: RoutingContext | None = None
@@ -59,7 +78,7 @@ class MoELayer(nn.Module):
         batch, length, dim = x_BLD.shape
         x_ND = x_BLD.reshape(-1, dim)
 
-        dispatch = self.router(x_BLD, mask_ratio, context)
+        dispatch = self._scaled(self.router(x_BLD, mask_ratio, context))
         rows_SD = dispatch.gather(x_ND)
         y_SD = self.experts(rows_SD, dispatch.counts, dispatch.gate, equal_counts=dispatch.equal_counts)
         out_ND = dispatch.combine(y_SD, apply_gate=False)
@@ -67,3 +86,28 @@ class MoELayer(nn.Module):
             out_ND = out_ND + self.shared_experts(x_ND)
         out_BLD = out_ND.view(batch, length, dim)
         return out_BLD, MoEOutput(aux_loss=dispatch.aux_loss, dispatch=dispatch)
+
+    def _scaled(self, dispatch: Dispatch) -> Dispatch:
+        """The dispatch with EC-DLM's scaling factor in its gates (unchanged without the option).
+
+        Token choice: gate · f(k), the same constant for every slot, a slot dropped by capacity
+        included (as EC-DLM). Expert choice: gate_s · f(n_t), n_t = the slots token t = token_index[s]
+        holds in this dispatch. f is a constant: gradients reach the logits through the gate only.
+        """
+        if self._tc_scale is not None:
+            return dataclasses.replace(dispatch, gate=dispatch.gate * self._tc_scale)
+        if self._ec_table_cpu is None:
+            return dispatch
+        token_S = dispatch.token_index
+        table = self._ec_table(token_S.device)
+        # slots per token by index_add (bincount would read its max back to the host)
+        count_N = torch.zeros(dispatch.num_tokens, dtype=torch.long, device=token_S.device)
+        count_N.index_add_(0, token_S, torch.ones_like(token_S))
+        factor_S = table[count_N[token_S]]
+        return dataclasses.replace(dispatch, gate=dispatch.gate * factor_S.to(dispatch.gate.dtype))
+
+    def _ec_table(self, device: torch.device) -> Tensor:
+        """[E + 1] float32 f(0..E) on `device` (copied there on first use)."""
+        if device not in self._ec_tables:
+            self._ec_tables[device] = self._ec_table_cpu.to(device)
+        return self._ec_tables[device]

@@ -4,8 +4,10 @@ For each block of a sequence — `block_size` consecutive positions, or the runs
 `block_ids` (the sampler's decoding blocks) — with padding (`valid` False) left out:
   1. each token keeps its top-k (biased) scores, zeros elsewhere;
   2. votes v = Σ_tokens of those, normalised to sum 1;
-  3. coreset = smallest set of experts, by descending vote, whose cumulative vote reaches top_p
-     (always the top-1), enlarged to at least `guard` experts;
+  3. coreset = smallest set of experts, by descending vote, whose cumulative vote exceeds top_p
+     (dMoE: an expert is kept while the vote mass ranked above it is ≤ top_p, so reaching top_p
+     exactly also takes the next expert; only voted experts; always the top-1), enlarged to at
+     least `guard` experts;
   4. each token's top-k (group-limited where the model has groups) restricted to the coreset;
      gates = its unbiased scores renormalised over its chosen experts, times the scaling factor.
 Fewer unique experts per forward means fewer expert weights streamed from memory.
@@ -88,16 +90,25 @@ def block_votes(
 
 
 def top_p_coreset(votes_BPE: Tensor, top_p: float, guard: int) -> Tensor:
-    """[B, P, E] bool: smallest top-voted set with cumulative vote ≥ top_p, at least `guard` large.
+    """[B, P, E] bool: the smallest top-voted set whose cumulative vote exceeds top_p, at least `guard` large.
 
-    Experts with no vote are never needed to reach top_p (exactly, votes sum to 1); excluding
-    them keeps fp rounding of the cumulative sum (e.g. 0.99999994 < 1.0) from adding them all.
+    dMoE's rule: sorted by descending vote, expert j is kept while the vote mass ranked above it
+    is ≤ top_p (its `cum ≤ p` plus the first expert past p): a mass of exactly top_p also takes
+    the next voted expert. Always the top-1; then the top-`guard` experts by vote (zero votes
+    included: a block with fewer voted experts, or none, still gets `guard`).
+
+    Only voted experts enter by the top-p rule: a mass before them of exactly the total (top_p = 1)
+    would otherwise add every zero-vote expert. The mass is the exclusive float64 prefix sum of
+    the sorted votes, compared with top_p · (their sum): exact for votes exact in binary, and
+    independent of how far the normalised votes' sum is rounded from 1 (top_p = 1 keeps every
+    voted expert).
     """
     sorted_votes, order = votes_BPE.double().sort(dim=-1, descending=True, stable=True)
-    before = sorted_votes.cumsum(-1) - sorted_votes  # vote mass ranked strictly above each expert
+    cum = sorted_votes.cumsum(-1)
+    before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)  # mass ranked strictly above
     rank = torch.arange(votes_BPE.shape[-1], device=votes_BPE.device)
-    # includes the expert that crosses top_p; always the top-1; then enlarged to `guard`
-    take_sorted = ((before < top_p) & (sorted_votes > 0)) | (rank == 0) | (rank < guard)
+    within = before <= top_p * cum[..., -1:]
+    take_sorted = (within & (sorted_votes > 0)) | (rank == 0) | (rank < guard)
     return torch.zeros_like(take_sorted).scatter_(-1, order, take_sorted)
 
 
@@ -125,7 +136,7 @@ def block_route(
         block_size: positions per block (the decoding block; 32 in dMoE); unused with `block_ids`.
         block_ids: [L] int64 non-decreasing, shared by all rows: one block per run of equal ids.
         valid: [B, L] bool; padding (False) casts no vote and gets no slot.
-        top_p: vote mass the coreset must cover, in (0, 1].
+        top_p: vote mass the coreset must exceed (dMoE: reaching it exactly takes one expert more), in (0, 1].
         guard: minimum coreset size, 1 ≤ guard ≤ E (16 in dMoE).
         expert_bias: [E] bias added to the scores for voting and selection only.
         n_group, topk_group: group-limited top-k inside the coreset (LLaDA2).

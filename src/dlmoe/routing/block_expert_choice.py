@@ -15,8 +15,8 @@ Per row b and block p (the runs of `block_ids`, default `block_size` positions),
      floor of 1, when n·k_b < m);
   4. every coreset expert takes the C_{b,p} valid tokens of the block with the largest logit
      ("logit") or softmax score ("score"); experts outside the coreset take nothing;
-  5. gates as `expert_choice`: softmax over the experts that chose the token ("restricted") or
-     the full softmax score ("full").
+  5. gates as `expert_choice`: softmax over the experts that chose the token ("restricted"), the
+     full softmax score ("full"), or sigmoids normalised over the choosing experts ("restricted_sigmoid").
 Counts differ across experts (`equal_counts=False`). A row routes the same padded or alone.
 
 Letters: B batch, L length, P blocks, E experts, N = B·L tokens, S slots.
@@ -84,7 +84,7 @@ def block_expert_choice(
         valid: [B, L] bool; padding (False) casts no vote, counts toward no capacity, is never chosen.
         top_p, guard: coreset vote mass in (0, 1] and minimum size in [1, E].
         select: rank a block's tokens by logit ("logit") or softmax score ("score").
-        gate: "restricted" (a chosen token's gates sum to 1) or "full".
+        gate: "restricted" or "restricted_sigmoid" (a chosen token's gates sum to 1), or "full".
         z_loss_coef: weight of the router z-loss over the valid tokens.
 
     Returns:

@@ -28,7 +28,7 @@ from dlmoe.routing.token_choice import check_logits, z_loss
 
 POOLS = ("sequence", "batch")
 SELECT = ("logit", "score")
-GATES = ("restricted", "full")
+GATES = ("restricted", "full", "restricted_sigmoid")
 _MASKED = -1e30  # finite "minus infinity": keeps softmax rows with no chosen expert NaN-free
 
 
@@ -80,7 +80,9 @@ def expert_choice(
         select: rank tokens by the raw logit l_{t,e} ("logit", EC-DLM) or by the per-token
             softmax score softmax(l_t)_e ("score", Zhou et al.) — not equivalent.
         gate: "restricted" = softmax of l_t over the experts that chose t (EC-DLM; a chosen
-            token's gates sum to 1); "full" = the full softmax score softmax(l_t)_e (Zhou et al.).
+            token's gates sum to 1); "full" = the full softmax score softmax(l_t)_e (Zhou et al.);
+            "restricted_sigmoid" = σ(l_{t,e}) / Σ_{e'∈S(t)} σ(l_{t,e'}) over the experts S(t) that
+            chose t (EC-DLM's `moe_router_activation_function = sigmoid`; also sums to 1).
         z_loss_coef: weight of the router z-loss.
         valid: [B, L] bool; padding (False) is never chosen and the capacities count valid
             tokens only: C_b = min(max(⌊n_b·k_b/E⌋, 1), n_b) for n_b valid tokens (0 if none).
@@ -230,11 +232,20 @@ def ec_z_loss(logits_NE: Tensor, z_loss_coef: float, valid: Tensor | None) -> Te
 
 
 def ec_gates(logits_NE: Tensor, token_S: Tensor, expert_S: Tensor, gate: str) -> Tensor:
-    """[S] gates: softmax over the experts that chose each token ("restricted") or the full softmax."""
+    """[S] gates of the chosen (token, expert) pairs, differentiable w.r.t. the logits.
+
+    "restricted": softmax of l_t over the experts S(t) that chose t; "full": softmax(l_t)_e over
+    all E; "restricted_sigmoid": σ(l_{t,e}) / (Σ_{e'∈S(t)} σ(l_{t,e'}) + 1e-20) (EC-DLM's sparse
+    sigmoid, its 1e-20 included). Tokens no expert chose have no slot (zero gate).
+    """
     if gate == "restricted":
         chosen_NE = torch.zeros_like(logits_NE, dtype=torch.bool)
         chosen_NE[token_S, expert_S] = True
         gates_NE = torch.softmax(logits_NE.masked_fill(~chosen_NE, _MASKED), dim=-1)
+    elif gate == "restricted_sigmoid":
+        sigmoid_S = torch.sigmoid(logits_NE[token_S, expert_S])
+        sum_N = sigmoid_S.new_zeros(logits_NE.shape[0]).index_add(0, token_S, sigmoid_S)
+        return sigmoid_S / (sum_N[token_S] + 1e-20)
     else:
         gates_NE = torch.softmax(logits_NE, dim=-1)
     return gates_NE[token_S, expert_S]

@@ -3,7 +3,7 @@
 A schedule maps the realized mask ratio r ∈ [0, 1] of a sequence to s(r) ∈ [0, 1]; the number
 of experts per token for that sequence is
 
-    k_b = clamp(round(k_min + (k_max − k_min) · s(r_b)), k_min, k_max)      (round half to even)
+    k_b = clamp(round(k_min + (k_max − k_min) · s(r_b)), k_min, k_max)      (round half to even, in float32)
 
 and its EC capacity is C_b = max(⌊L·k_b/E⌋, 1). With r ~ U(0, 1) every built-in schedule except
 "bell" has E[s] = ½, so k ∈ [8, 32] matches a static k = 20 in expected FLOPs. `expected_k`
@@ -35,8 +35,8 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "constant": lambda r, sigma: torch.full_like(r, 0.5),
     "linear": lambda r, sigma: r,
     "linear_reverse": lambda r, sigma: 1.0 - r,
-    "cosine": lambda r, sigma: (1.0 - torch.cos(math.pi * r)) / 2.0,
-    "cosine_reverse": lambda r, sigma: (1.0 + torch.cos(math.pi * r)) / 2.0,
+    "cosine": lambda r, sigma: 0.5 * (1.0 + torch.cos(math.pi * (1.0 - r))),  # = (1 − cos πr)/2, as EC-DLM codes it
+    "cosine_reverse": lambda r, sigma: 0.5 * (1.0 + torch.cos(math.pi * r)),
     "gaussian": lambda r, sigma: _gaussian(r, sigma),
     "gaussian_reverse": lambda r, sigma: 1.0 - _gaussian(r, sigma),
     # EC-DLM's unused "bell": E[s] = 2/3, so it is *not* FLOPs-matched with the others.
@@ -94,9 +94,20 @@ def dynamic_k(
     check_tensor("r (mask ratio)", r, ndim=1, floating=True)
     if bool(((r < 0) | (r > 1) | torch.isnan(r)).any()):
         raise ValueError(f"r (mask ratio) must lie in [0, 1], got min {r.min().item()}, max {r.max().item()}")
-    s = schedule_value(r, schedule, sigma=sigma)
-    k = torch.round(k_min + (k_max - k_min) * s)  # torch.round: half to even, as in EC-DLM
-    return k.clamp(k_min, k_max).to(torch.int64)
+    return _round_k(r, schedule, k_min, k_max, sigma).to(torch.int64)
+
+
+def _round_k(r: Tensor, schedule: str | ScheduleFn, k_min: int, k_max: int, sigma: float) -> Tensor:
+    """k = clamp(round(k_min + (k_max − k_min)·s(r)), k_min, k_max), evaluated in float32 as EC-DLM
+    does (its mask ratio and schedule are fp32 tensors): where k_min + Δk·s(r) lands on a half
+    integer, float64 and float32 can round to neighbours (linear_reverse, k ∈ [2, 14], r = 23/24:
+    2 in float64, 3 in float32). `torch.round` rounds half to even, as in EC-DLM."""
+    if callable(schedule):  # a user's schedule: checked to stay in [0, 1] there
+        s = schedule_value(r, schedule, sigma=sigma).to(torch.float32)
+    else:
+        validate_schedule(schedule, sigma)
+        s = SCHEDULES[schedule](r.to(torch.float32), sigma).clamp(0.0, 1.0)
+    return torch.round(k_min + (k_max - k_min) * s).clamp(k_min, k_max)
 
 
 def ec_capacity(k: Tensor | int, seq_len: int, num_experts: int) -> Tensor:
@@ -140,8 +151,7 @@ def expected_k(
     """
     _check_k_range(k_min, k_max)
     r, w = _ratio_grid(seq_len, num_points)
-    s = schedule_value(r, schedule, sigma=sigma)
-    k = torch.round(k_min + (k_max - k_min) * s).clamp(k_min, k_max)
+    k = _round_k(r, schedule, k_min, k_max, sigma).to(torch.float64)  # the rule `dynamic_k` applies
     if num_experts is not None:
         if seq_len is None:
             raise ValueError("expected_k: num_experts needs seq_len (capacity is ⌊L·k/E⌋)")

@@ -10,6 +10,8 @@ from dlmoe.sampling.rules import (
     finished_at_eos,
     propose_tokens,
     select_commits,
+    suppress_commits,
+    suppress_logits,
     threshold_commits,
 )
 from dlmoe.sampling.stats import GenerationStats
@@ -28,5 +30,7 @@ __all__ = [
     "generate",
     "propose_tokens",
     "select_commits",
+    "suppress_commits",
+    "suppress_logits",
     "threshold_commits",
 ]

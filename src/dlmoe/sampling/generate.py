@@ -13,7 +13,7 @@ Letters: B batch, L canvas length, G generated length, W block length, V vocab.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,8 @@ from dlmoe.sampling.rules import (
     finished_at_eos,
     propose_tokens,
     select_commits,
+    suppress_commits,
+    suppress_logits,
     threshold_commits,
 )
 from dlmoe.sampling.stats import GenerationStats, StatsRecorder
@@ -94,6 +96,8 @@ def generate(
     eos_id: int | None = None,
     pad_id: int | None = None,
     stop_at_eos: bool = False,
+    suppress_tokens: Sequence[int] | None = None,
+    suppress_commit_tokens: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> GenerationResult:
@@ -120,6 +124,14 @@ def generate(
     mask_id, eos_id, pad_id: default to the model config's (mask_id is required for callables).
     stop_at_eos: a row finishes once it holds an EOS with no mask before it; its remaining masks
         become EOS. The loop ends when every row is finished.
+    suppress_tokens: token ids never proposed: their logits are −inf before the Gumbel-max /
+        argmax and the confidence (LLaDA's `logits_eos_inf`, e.g. EOS so an instruct model fills
+        the whole length). Ints in [0, vocab), not the mask id (never proposed anyway).
+    suppress_commit_tokens: token ids that may be proposed but get confidence −inf: they rank
+        below every other candidate of the block, so a step commits them only where its quota
+        (or the threshold's minimum of one) is not met by other proposals, never by the threshold
+        itself (LLaDA's `confidence_eos_eot_inf` for EOS / EoT). Same checks; no id in both.
+        With a plain callable, ids ≥ its vocabulary are refused at the first forward.
     generator: random source for Gumbel noise and random remasking.
     callback: called after every step with a `StepInfo`.
     """
@@ -130,12 +142,15 @@ def generate(
     _check_eos(eos_id, stop_at_eos, mask_id, generator, callback)
     pad_id = _resolve_pad(pad_id, config, eos_id, mask_id)
     _check_options(model, transformer, temperature, remasking, threshold, cache, cfg_scale, block_routing, capacity)
+    vocab_size = None if config is None else config.vocab_size
+    suppressed = _suppressed_ids(suppress_tokens, suppress_commit_tokens, mask_id, vocab_size)
     device = next(transformer.parameters()).device if transformer is not None else None
     canvas = build_canvas(
         prompt_ids, attention_mask, gen_length=gen_length, block_length=block_length, mask_id=mask_id,
         pad_id=pad_id, device=device,
     )  # fmt: skip
     steps_per_block = _steps_per_block(steps, gen_length, canvas.num_blocks, threshold)
+    never_K, last_K = (None if ids is None else ids.to(canvas.tokens.device) for ids in suppressed or (None, None))
     _check_model_fit(transformer, canvas, cache, block_routing, capacity)
     stats = StatsRecorder()
     denoiser = Denoiser(
@@ -157,8 +172,15 @@ def generate(
             if not bool(candidates_BW.any()):
                 break  # threshold mode: the block is done (or every row finished at EOS)
             logits_BWV = denoiser.block_logits(block, first_step=block_step == 0)
+            if vocab_size is None:  # a plain callable: its vocabulary is known from the first logits
+                vocab_size = logits_BWV.shape[-1]
+                _suppressed_ids(suppress_tokens, suppress_commit_tokens, mask_id, vocab_size)
+            if never_K is not None:
+                logits_BWV = suppress_logits(logits_BWV, never_K)
             tokens_BW = propose_tokens(logits_BWV, temperature=temperature, mask_id=mask_id, generator=generator)
             confidence_BW = confidence_fn(logits_BWV, tokens_BW, generator)
+            if last_K is not None:
+                confidence_BW = suppress_commits(confidence_BW, tokens_BW, last_K)
             if threshold is None:
                 commit_BW = select_commits(confidence_BW, candidates_BW, quota_BS[:, block_step])
             else:
@@ -283,6 +305,43 @@ def _check_model_fit(transformer: object, canvas: object, cache: str, block_rout
             raise ValueError("capacity (an inference capacity policy) needs an expert-choice model")
         if capacity.k_max > router.num_experts:
             raise ValueError(f"capacity.k_max={capacity.k_max} must be <= num_experts={router.num_experts}")
+
+
+def _suppressed_ids(
+    suppress_tokens: object, suppress_commit_tokens: object, mask_id: int, vocab_size: int | None
+) -> tuple[Tensor | None, Tensor | None] | None:
+    """(never-proposed ids, committed-last ids) as int64 tensors (None where not given or empty),
+    or None when neither is. Ids: ints in [0, vocab_size) (upper bound unchecked while unknown), not
+    the mask id, in one list only, and at least one non-mask token left to propose."""
+    lists: list[list[int] | None] = []
+    for name, value in (("suppress_tokens", suppress_tokens), ("suppress_commit_tokens", suppress_commit_tokens)):
+        if value is None:
+            lists.append(None)
+            continue
+        if isinstance(value, Tensor) and value.ndim == 1:
+            value = value.tolist()  # float / bool entries are refused below
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ValueError(f"{name} must be a list of int token ids, got {value!r}")
+        high = None if vocab_size is None else vocab_size - 1
+        ids = [check_int(f"{name}[{i}]", v, low=0, high=high) for i, v in enumerate(value)]
+        if mask_id in ids:
+            raise ValueError(
+                f"{name} must not hold mask_id={mask_id} (the mask token is never proposed anyway), got {list(value)}"
+            )
+        lists.append(sorted(set(ids)) or None)  # an empty list suppresses nothing
+    never, last = lists
+    if never is None and last is None:
+        return None
+    if never is not None and last is not None and set(never) & set(last):
+        raise ValueError(
+            f"token ids {sorted(set(never) & set(last))} are in both suppress_tokens and suppress_commit_tokens; "
+            "use one (suppress_tokens: never proposed, suppress_commit_tokens: committed last)"
+        )
+    if never is not None and vocab_size is not None and len(set(never) | {mask_id}) >= vocab_size:
+        raise ValueError(f"suppress_tokens leaves no token to propose (vocab_size={vocab_size}, mask_id={mask_id})")
+    never_K = None if never is None else torch.tensor(never, dtype=torch.int64)
+    last_K = None if last is None else torch.tensor(last, dtype=torch.int64)
+    return never_K, last_K
 
 
 def _check_eos(eos_id: int | None, stop_at_eos: bool, mask_id: int, generator: object, callback: object) -> None:

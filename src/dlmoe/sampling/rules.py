@@ -5,6 +5,10 @@
 3. commit:  per row, the quota's most confident masked positions of the block (LLaDA), or every
             one above a threshold τ with at least the quota (Fast-dLLM parallel decoding).
 
+Token suppression (LLaDA's `logits_eos_inf` / `confidence_eos_eot_inf`, for any ids): ids whose
+logits are −inf before 1-2 are never proposed (`suppress_logits`); ids whose proposals get
+confidence −inf after 2 are committed only when no other candidate is left (`suppress_commits`).
+
 Letters: B batch, W block length (the decoding window), S steps per block, V vocab.
 """
 
@@ -44,6 +48,19 @@ def propose_tokens(
     return scores_BWV.argmax(dim=-1)
 
 
+def suppress_logits(logits_BWV: Tensor, token_ids_K: Tensor) -> Tensor:
+    """Logits with the ids `token_ids_K` at −inf: never proposed, and left out of the softmax the
+    confidence is taken from (LLaDA's `logits_eos_inf` sets the EOS logit to −inf the same way)."""
+    return logits_BWV.index_fill(-1, token_ids_K, float("-inf"))
+
+
+def suppress_commits(confidence_BW: Tensor, tokens_BW: Tensor, token_ids_K: Tensor) -> Tensor:
+    """Confidence −inf where the proposal is one of `token_ids_K` (LLaDA's `confidence_eos_eot_inf`
+    for EOS / EoT): such positions are committed only once no other candidate is left (they still
+    rank above non-candidates), and never by a threshold."""
+    return confidence_BW.masked_fill(torch.isin(tokens_BW, token_ids_K), float("-inf"))
+
+
 def low_confidence(logits_BWV: Tensor, tokens_BW: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """[B, W] float32 p(x̂) under softmax(logits): noise- and temperature-free, as LLaDA.
 
@@ -67,8 +84,9 @@ REMASKING_RULES: dict[str, Callable[[Tensor, Tensor, torch.Generator | None], Te
 
 def _rank(confidence_BW: Tensor, candidates_BW: Tensor) -> Tensor:
     """[B, W] int64 rank of each position among its row's candidates by descending confidence
-    (non-candidates rank last; ties go to the leftmost position)."""
-    score_BW = confidence_BW.masked_fill(~candidates_BW, float("-inf"))
+    (non-candidates rank last, below candidates of confidence −inf; ties go to the leftmost position)."""
+    lowest = torch.finfo(confidence_BW.dtype).min  # a candidate at −inf (`suppress_commits`) stays above −inf
+    score_BW = confidence_BW.clamp_min(lowest).masked_fill(~candidates_BW, float("-inf"))
     order_BW = score_BW.argsort(dim=1, descending=True, stable=True)
     positions_BW = torch.arange(score_BW.shape[1], device=score_BW.device).expand_as(order_BW)
     return torch.empty_like(order_BW).scatter_(1, order_BW, positions_BW)
@@ -76,7 +94,7 @@ def _rank(confidence_BW: Tensor, candidates_BW: Tensor) -> Tensor:
 
 def select_commits(confidence_BW: Tensor, candidates_BW: Tensor, quota_B: Tensor) -> Tensor:
     """[B, W] bool: per row, the `quota_B[b]` most confident candidate positions (fewer if the row
-    has fewer candidates). Non-candidates rank at −inf; ties go to the leftmost position."""
+    has fewer candidates). Non-candidates rank last, below any candidate; ties go to the leftmost position."""
     return (_rank(confidence_BW, candidates_BW) < quota_B[:, None]) & candidates_BW
 
 

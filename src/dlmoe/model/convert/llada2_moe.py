@@ -162,6 +162,8 @@ def check_exportable(mc: ModelConfig) -> None:
             problems.append(f"router.kind={r.kind!r} (LLaDA2 routes by token choice)")
         if r.score != "sigmoid" or r.renormalize != (r.num_experts_per_tok > 1) or r.bias_in_gate:
             problems.append("routing other than sigmoid top-k renormalised when k > 1, bias for selection only")
+        if r.scaling_factor:
+            problems.append("router.scaling_factor (EC-DLM's norm-matching factor, absent from LLaDA2)")
         shared = mc.moe.num_shared_experts
         if shared and mc.moe.shared_width != shared * mc.moe.expert_hidden:
             problems.append("shared experts whose width is not num_shared_experts × expert width")

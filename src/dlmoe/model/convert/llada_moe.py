@@ -161,6 +161,8 @@ def check_exportable(mc: ModelConfig) -> None:
             problems.append("routing other than softmax top-k without renormalisation, scaling or groups")
         if r.expert_bias and not r.bias_in_gate:
             problems.append("an expert bias used for selection only (LLaDA-MoE also adds it to the weights)")
+        if r.scaling_factor:
+            problems.append("router.scaling_factor (EC-DLM's norm-matching factor, absent from LLaDA-MoE)")
         if mc.moe.num_shared_experts > 1:
             problems.append("more than one shared expert")
     if mc.attention != "bidirectional":
