@@ -54,6 +54,7 @@ bench-distributed: $(STAMP)
 MCQ ?= $(wildcard ../shared/data/benchmarks/arc_easy_test.jsonl ../shared/data/benchmarks/piqa_validation.jsonl)
 results: $(STAMP)
 	$(BIN)/dlmoe experiment ec-vs-tc --out runs/results/ec-vs-tc --overwrite --results-doc docs/results.md
+	$(BIN)/dlmoe experiment ec-vs-tc --no-scaling-factor --out runs/results/ec-vs-tc-no-scaling-factor --overwrite --results-doc docs/results.md
 	$(BIN)/dlmoe experiment capacity-schedules --out runs/results/capacity-schedules --overwrite --results-doc docs/results.md
 	$(BIN)/dlmoe experiment learning-efficiency --out runs/results/learning-efficiency --overwrite --results-doc docs/results.md
 	$(BIN)/dlmoe experiment retrofit --out runs/results/retrofit --overwrite --results-doc docs/results.md
