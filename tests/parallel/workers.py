@@ -20,6 +20,11 @@ EP_CASES = {
         dict(kind="expert_choice", num_experts=4, num_experts_per_tok=2, capacity_schedule="linear", k_min=1, k_max=3),
         "local",
     ),
+    "ec_schedule_scaling_factor": (
+        dict(kind="expert_choice", num_experts=4, num_experts_per_tok=2, capacity_schedule="linear", k_min=1, k_max=3,
+             scaling_factor=True),
+        "local",
+    ),  # fmt: skip
     "ec_batch_group": (dict(kind="expert_choice", num_experts=4, num_experts_per_tok=2, pool="batch"), "group"),
     "tc_softmax": (dict(kind="token_choice", num_experts=4, num_experts_per_tok=2), "local"),
     "tc_sigmoid_bias_groups": (

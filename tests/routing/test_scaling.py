@@ -197,6 +197,23 @@ def test_token_choice_layer_scales_every_gate_by_one_constant(capacity_factor: f
     assert not torch.allclose(out, plain(x)[0])
 
 
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
+def test_block_routed_layers_scale_their_coreset_gates_the_same_way(kind: str) -> None:
+    from dlmoe.config import BlockRoutingConfig
+
+    block = BlockRoutingConfig(block_size=4, top_p=0.5, guard=2)
+    _, layer = layer_pair(kind=kind, num_experts=EXPERTS, num_experts_per_tok=2, score="sigmoid", block=block)
+    x = torch.randn(BATCH, LENGTH, DIM)
+    _, moe_out = layer(x)
+    raw = layer.router(x)
+    if kind == "token_choice":
+        expected = raw.gate * tc_scaling_factor(EXPERTS, 2, 2, "sigmoid", True)
+    else:
+        count_N = torch.bincount(raw.token_index, minlength=BATCH * LENGTH)
+        expected = raw.gate * ec_scaling_table(EXPERTS, 2)[count_N[raw.token_index]]
+    torch.testing.assert_close(moe_out.dispatch.gate, expected, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # save / load
 
