@@ -21,8 +21,15 @@ EP_CASES = {
         "local",
     ),
     "ec_schedule_scaling_factor": (
-        dict(kind="expert_choice", num_experts=4, num_experts_per_tok=2, capacity_schedule="linear", k_min=1, k_max=3,
-             scaling_factor=True),
+        dict(
+            kind="expert_choice",
+            num_experts=4,
+            num_experts_per_tok=2,
+            capacity_schedule="linear",
+            k_min=1,
+            k_max=3,
+            scaling_factor=True,
+        ),
         "local",
     ),  # fmt: skip
     "ec_batch_group": (dict(kind="expert_choice", num_experts=4, num_experts_per_tok=2, pool="batch"), "group"),
