@@ -99,11 +99,7 @@ class MoELayer(nn.Module):
         if self._ec_table_cpu is None:
             return dispatch
         token_S = dispatch.token_index
-        table = self._ec_table(token_S.device)
-        # slots per token by index_add (bincount would read its max back to the host)
-        count_N = torch.zeros(dispatch.num_tokens, dtype=torch.long, device=token_S.device)
-        count_N.index_add_(0, token_S, torch.ones_like(token_S))
-        factor_S = table[count_N[token_S]]
+        factor_S = self._ec_table(token_S.device)[dispatch.experts_per_token()[token_S]]
         return dataclasses.replace(dispatch, gate=dispatch.gate * factor_S.to(dispatch.gate.dtype))
 
     def _ec_table(self, device: torch.device) -> Tensor:

@@ -106,8 +106,10 @@ class Dispatch:
         return out_ND.index_add(0, self.token_index, weighted_SD)
 
     def experts_per_token(self) -> Tensor:
-        """[N] int64, how many experts process each token."""
-        return torch.bincount(self.token_index, minlength=self.num_tokens)
+        """[N] int64, how many experts process each token (index_add: no host sync, unlike bincount,
+        which reads the largest index back to size its output)."""
+        count_N = torch.zeros(self.num_tokens, dtype=torch.int64, device=self.token_index.device)
+        return count_N.index_add_(0, self.token_index, torch.ones_like(self.token_index))
 
     def unique_experts(self, token_mask: Tensor) -> Tensor:
         """[B] int64: distinct experts used by the slots of the tokens selected by `token_mask` [B, L] bool.

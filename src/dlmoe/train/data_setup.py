@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dlmoe._fs import staged_folder
 from dlmoe.config import RunConfig
+from dlmoe.config_io import read_json
 from dlmoe.data import BatchIterator, as_sequences, cached_token_splits, load_tokenizer, special_ids, train_tokenizer
 from dlmoe.data.corpus import Corpus, resolve_corpus
 
@@ -107,12 +108,7 @@ def _check_tokenizer_record(tokenizer_dir: Path, corpus: Corpus, config: RunConf
     path = tokenizer_dir / TOKENIZER_RECORD
     if not path.is_file():
         return  # written by an older dlmoe, or copied from a source run by hand
-    try:
-        record = json.loads(path.read_text())
-    except ValueError:
-        raise ValueError(
-            f"{str(path)!r} is not valid JSON: the run's tokenizer record is damaged; start over with --overwrite"
-        ) from None
+    record = read_json(path, "the run's tokenizer record is damaged; start over with --overwrite")
     if "copied_from" in record:
         return  # a fine-tune keeps its source's tokenizer whatever corpus it trains on
     now = {"corpus": corpus.name, "num_bytes": corpus.num_bytes()}

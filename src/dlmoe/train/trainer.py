@@ -138,16 +138,14 @@ class Trainer:
             if changed:
                 self._say(f"resuming at step {step} with: {', '.join(changed)}")
             return path
-        if holds_run(self.run_dir):
-            if not overwrite:
-                raise ValueError(
-                    f"run folder {str(self.run_dir)!r} already holds a run; pass --resume to continue it, "
-                    "--overwrite to delete it and start over, or choose another run_dir"
-                )
-            removed = clear_run(self.run_dir)
+        if holds_run(self.run_dir) and not overwrite:
+            raise ValueError(
+                f"run folder {str(self.run_dir)!r} already holds a run; pass --resume to continue it, "
+                "--overwrite to delete it and start over, or choose another run_dir"
+            )
+        removed = clear_run(self.run_dir) if overwrite else []
+        if removed:
             self._say(f"--overwrite: removed {', '.join(removed)} from {self.run_dir}")
-        elif overwrite and (self.run_dir / "tokenizer").exists():
-            clear_run(self.run_dir)
         return None
 
     def _setup(self, config: RunConfig, source: SourceRun | None) -> None:
