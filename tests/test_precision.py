@@ -103,11 +103,17 @@ def test_train_config_default_is_auto() -> None:
 
 def test_hardware_info_describes_this_machine() -> None:
     info = hardware_info()
-    assert info is hardware_info()  # probed once
+    assert info == hardware_info()  # the hardware is probed once
     assert info.cpu_capability == torch.backends.cpu.get_cpu_capability()
     assert info.cpu_native_bf16 == (info.cpu_avx512_bf16 or info.cpu_amx)
     assert info.cuda == torch.cuda.is_available() and (info.cuda_device is not None) == info.cuda
     assert info.threads >= 1 and set(info.as_dict()) == {f.name for f in dataclasses.fields(HardwareInfo)}
+    before = torch.get_num_threads()
+    try:  # threads are a setting, read when asked (a run records what it trains with)
+        torch.set_num_threads(1)
+        assert hardware_info().threads == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_info_system_needs_no_config(machine, capsys) -> None:

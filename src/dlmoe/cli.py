@@ -80,7 +80,7 @@ def train(args: argparse.Namespace) -> None:
         _print_summary(summary)
 
 
-def _resume_base(config, args: argparse.Namespace, **fixed):
+def _resume_base(config, args: argparse.Namespace):
     """With --resume, the run's saved config is the base that --config and the overrides change
     (so `--resume train.steps=600` alone continues the run as it was configured)."""
     from dlmoe.config_io import load_run_config, read_saved_run_config, run_config_to_dict
@@ -89,7 +89,7 @@ def _resume_base(config, args: argparse.Namespace, **fixed):
     if not args.resume or not saved_path.is_file():
         return config
     base = run_config_to_dict(read_saved_run_config(saved_path)) | {"run_dir": config.run_dir}
-    return load_run_config(args.config, args.overrides, base=base | fixed)
+    return load_run_config(args.config, args.overrides, base=base)
 
 
 def finetune(args: argparse.Namespace) -> None:

@@ -37,22 +37,25 @@ class HardwareInfo:
         return asdict(self)
 
 
-@functools.cache
 def hardware_info() -> HardwareInfo:
-    """This machine's `HardwareInfo`; probed once per process (the hardware does not change)."""
+    """This machine's `HardwareInfo`: the hardware probed once per process, the thread count as set now."""
+    return HardwareInfo(**_probe(), threads=torch.get_num_threads())
+
+
+@functools.cache
+def _probe() -> dict:
     avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
     amx = bool(torch.cpu._is_amx_tile_supported())
     cuda = torch.cuda.is_available()
-    return HardwareInfo(
-        cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        cpu_avx512_bf16=avx512_bf16,
-        cpu_amx=amx,
-        cpu_native_bf16=avx512_bf16 or amx,
-        threads=torch.get_num_threads(),
-        cuda=cuda,
-        cuda_device=torch.cuda.get_device_name(0) if cuda else None,
-        cuda_bf16=cuda and _cuda_native_bf16(),
-    )
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_avx512_bf16": avx512_bf16,
+        "cpu_amx": amx,
+        "cpu_native_bf16": avx512_bf16 or amx,
+        "cuda": cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "cuda_bf16": cuda and _cuda_native_bf16(),
+    }
 
 
 def _cuda_native_bf16() -> bool:
