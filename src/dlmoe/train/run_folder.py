@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import fcntl
 import json
@@ -157,5 +156,5 @@ def _differences(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]
 
 def changed_keys(saved: RunConfig, requested: RunConfig) -> list[str]:
     """Dotted keys whose values differ (derived ones excluded), for the resume log line."""
-    diff = _differences(dataclasses.asdict(saved), dataclasses.asdict(requested))
+    diff = _differences(run_config_to_dict(saved), run_config_to_dict(requested))
     return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items() if k not in DERIVED_KEYS]
