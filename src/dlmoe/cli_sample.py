@@ -15,6 +15,7 @@ from dlmoe._checks import check_float
 from dlmoe.config import BlockRoutingConfig
 from dlmoe.precision import PRECISIONS, resolve_precision
 from dlmoe.sampling import CACHE_MODES, CapacityPolicy
+from dlmoe.vocab import REMASKING
 
 
 def parse_options(text: str, option: str, fields: dict[str, type]) -> dict[str, object]:
@@ -101,7 +102,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-length", dest="block_length", type=int)
     p.add_argument("--steps", type=int, help="forwards over the generation (ignored with --threshold)")
     p.add_argument("--temperature", type=float)
-    p.add_argument("--remasking", choices=["low_confidence", "random"])
+    p.add_argument("--remasking", choices=REMASKING)
     p.add_argument("--threshold", type=float, help="Fast-dLLM parallel decoding: commit every token with p >= τ")
     p.add_argument("--cache", choices=CACHE_MODES, default="none", help="KV cache (exact needs a block-causal model)")
     p.add_argument("--cfg", dest="cfg_scale", type=float, default=0.0, help="classifier-free guidance scale")

@@ -9,13 +9,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlmoe._checks import check_choice, check_float, check_int
-from dlmoe.precision import PRECISIONS
-from dlmoe.routing.expert_choice import GATES, POOLS, SELECT
-from dlmoe.routing.schedules import DEFAULT_SIGMA, SCHEDULE_NAMES, expected_k, validate_schedule
-from dlmoe.routing.token_choice import SCORE_FUNCTIONS
-
-ROUTER_KINDS = ("token_choice", "expert_choice")
-EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
+from dlmoe.routing.schedules import DEFAULT_SIGMA, expected_k, validate_schedule
+from dlmoe.vocab import (
+    ATTENTION_KINDS,
+    DATA_PARALLEL,
+    DEVICE_NAMES,
+    DIST_BACKENDS,
+    EC_POOLS,
+    EXPERT_BACKENDS,
+    GATES,
+    LOSS_WEIGHTINGS,
+    LR_SCHEDULES,
+    POOLS,
+    PRECISIONS,
+    REMASKING,
+    ROUTER_KINDS,
+    SCHEDULE_NAMES,
+    SCORE_FUNCTIONS,
+    SELECT,
+)
 
 
 @dataclass(kw_only=True)
@@ -214,9 +226,6 @@ class MoEConfig:
         return self.shared_hidden or self.num_shared_experts * self.expert_hidden
 
 
-ATTENTION_KINDS = ("bidirectional", "block_causal")
-
-
 @dataclass(kw_only=True)
 class ModelConfig:
     """A bidirectional transformer for masked diffusion; MoE FFNs from layer `first_k_dense` on.
@@ -315,9 +324,7 @@ class DataConfig:
         check_int("data.split_seed", self.split_seed, low=0)
 
 
-LR_SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = PRECISIONS  # auto: bf16 where the hardware runs it natively, else fp32 (dlmoe.precision)
-LOSS_WEIGHTINGS = ("elbo", "stable", "masked_mean")  # = dlmoe.diffusion.loss.WEIGHTINGS
 
 
 @dataclass(kw_only=True)
@@ -359,7 +366,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("train.device", self.device, DEVICE_NAMES)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
             check_int(f"train.{name}", getattr(self, name), low=1)
         check_int("train.checkpoint_every", self.checkpoint_every, low=1)
@@ -407,12 +414,7 @@ class SampleConfig:
         check_int("sample.block_length", self.block_length, low=1)
         check_int("sample.steps", self.steps, low=1)
         check_float("sample.temperature", self.temperature, low=0.0)
-        check_choice("sample.remasking", self.remasking, ("low_confidence", "random"))
-
-
-DATA_PARALLEL = ("ddp", "fsdp")
-EC_POOLS = ("local", "group")
-DIST_BACKENDS = ("auto", "gloo", "nccl")
+        check_choice("sample.remasking", self.remasking, REMASKING)
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from dlmoe.vocab import PRECISIONS
+
 DEVICE_TYPES = ("cpu", "cuda")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _warned_emulated_bf16 = False  # the emulated-bf16 warning is given once per process

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlmoe._checks import check_choice, check_int
-
-WEIGHTINGS = ("elbo", "stable", "masked_mean")
+from dlmoe.vocab import LOSS_WEIGHTINGS as WEIGHTINGS
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,7 @@ from torch import Tensor, nn
 
 from dlmoe._checks import check_choice, check_int
 from dlmoe.moe.swiglu_op import gated_swiglu_experts
-
-BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
+from dlmoe.vocab import EXPERT_BACKENDS as BACKENDS
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -25,10 +25,8 @@ from dlmoe._checks import check_choice, check_float, check_int, check_tensor
 from dlmoe.routing.context import check_valid
 from dlmoe.routing.dispatch import Dispatch
 from dlmoe.routing.token_choice import check_logits, z_loss
+from dlmoe.vocab import GATES, POOLS, SELECT
 
-POOLS = ("sequence", "batch")
-SELECT = ("logit", "score")
-GATES = ("restricted", "full", "restricted_sigmoid")
 _MASKED = -1e30  # finite "minus infinity": keeps softmax rows with no chosen expert NaN-free
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dlmoe import vocab
 from dlmoe._checks import check_float, check_int, check_tensor
 
 ScheduleFn = Callable[[Tensor], Tensor]
@@ -43,6 +44,7 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "bell": lambda r, sigma: (1.0 - 4.0 * (r - 0.5) ** 2).clamp(0.0, 1.0),
 }
 SCHEDULE_NAMES = tuple(SCHEDULES)
+assert SCHEDULE_NAMES == vocab.SCHEDULE_NAMES, "dlmoe.vocab.CapacitySchedule must list every schedule"
 
 
 def validate_schedule(schedule: str | ScheduleFn, sigma: float = DEFAULT_SIGMA) -> None:

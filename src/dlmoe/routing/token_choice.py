@@ -18,8 +18,7 @@ from torch import Tensor
 from dlmoe._checks import check_choice, check_float, check_int, check_tensor
 from dlmoe.routing.context import check_valid
 from dlmoe.routing.dispatch import Dispatch, sorted_dispatch_from_topk
-
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
+from dlmoe.vocab import SCORE_FUNCTIONS
 
 
 def router_scores(logits: Tensor, score: str) -> Tensor:

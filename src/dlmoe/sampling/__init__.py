@@ -2,7 +2,7 @@
 left-padded batches, dMoE block routing and expert-choice capacity policies at inference."""
 
 from dlmoe.sampling.canvas import Canvas, build_canvas
-from dlmoe.sampling.denoiser import CACHE_MODES, CapacityPolicy
+from dlmoe.sampling.denoiser import CapacityPolicy
 from dlmoe.sampling.generate import GenerationResult, StepInfo, generate
 from dlmoe.sampling.rules import (
     REMASKING_RULES,
@@ -15,6 +15,7 @@ from dlmoe.sampling.rules import (
     threshold_commits,
 )
 from dlmoe.sampling.stats import GenerationStats
+from dlmoe.vocab import CACHE_MODES
 
 __all__ = [
     "CACHE_MODES",

@@ -36,8 +36,6 @@ from dlmoe.routing.schedules import DEFAULT_SIGMA, SCHEDULE_NAMES, dynamic_k, va
 from dlmoe.sampling.canvas import Canvas
 from dlmoe.sampling.stats import StatsRecorder
 
-CACHE_MODES = ("none", "prefix", "dual", "exact")
-
 
 @dataclass(frozen=True)
 class CapacityPolicy:

@@ -22,7 +22,7 @@ from torch import Tensor
 from dlmoe._checks import check_choice, check_float, check_int
 from dlmoe.config import BlockRoutingConfig
 from dlmoe.sampling.canvas import Prompts, build_canvas
-from dlmoe.sampling.denoiser import CACHE_MODES, CapacityPolicy, Denoiser, unwrap_model
+from dlmoe.sampling.denoiser import CapacityPolicy, Denoiser, unwrap_model
 from dlmoe.sampling.rules import (
     REMASKING_RULES,
     commit_schedule,
@@ -34,6 +34,7 @@ from dlmoe.sampling.rules import (
     threshold_commits,
 )
 from dlmoe.sampling.stats import GenerationStats, StatsRecorder
+from dlmoe.vocab import CACHE_MODES
 
 
 @dataclass(frozen=True)
