@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dlmoe.precision import PRECISIONS, resolve_precision
+from dlmoe.runtime import resolve_device
 
 # a storage dtype: keep (the checkpoint's) is the default; auto = what this machine computes in fast
 STORAGE_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -73,4 +74,4 @@ def convert(args: argparse.Namespace) -> None:
 
 def _local_device() -> str:
     """Where this machine would run the import: what `auto` resolves against."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("auto").type

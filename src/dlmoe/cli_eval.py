@@ -27,6 +27,7 @@ from dlmoe.eval.mcq_file import McqData, read_mcq_jsonl
 from dlmoe.eval.multiple_choice import METHODS, letter_tokens, score_mcq
 from dlmoe.eval.perplexity import read_text_file, text_elbo
 from dlmoe.precision import PRECISIONS, Precision, resolve_precision
+from dlmoe.runtime import resolve_device
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> None:
     texts = {path: read_text_file(path, "--text") for path in args.text}
     mcqs = [read_mcq_jsonl(path, limit=args.limit) for path in args.mcq]
     methods = list(METHODS) if args.method == "both" else [args.method]
-    device = _device(args.device)
+    device = resolve_device(args.device, "--device")
     precision = _precision(args.dtype, device)
     config, model, tokenizer = load_run(args.run)
     model.to(device=device, dtype=None if precision is None else precision.dtype)
@@ -148,14 +149,6 @@ def _check_out(path: str | None, overwrite: bool) -> Path | None:
 def _write_json(path: Path, payload: dict) -> None:
     """Atomic (temporary file in the same folder, then rename): no half-written results."""
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available (allowed: auto, cpu, cuda)")
-    return torch.device(name)
 
 
 def _precision(requested: str, device: torch.device | str) -> Precision | None:

@@ -134,14 +134,14 @@ def sample(args: argparse.Namespace) -> None:
     """Generate from a trained run; all input is checked before the model runs."""
     from dlmoe.config import SampleConfig
     from dlmoe.inference import read_run_config, sample_text
-    from dlmoe.train.trainer import resolve_device
+    from dlmoe.runtime import resolve_device
 
     block_routing = block_routing_option(args.block_routing)
     capacity = capacity_option(args.capacity)
     if args.threshold is not None:
         check_float("--threshold", args.threshold, low=0.0, high=1.0, low_open=True)
     check_float("--cfg", args.cfg_scale, low=0.0)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     precision = None if args.dtype == "keep" else resolve_precision(args.dtype, device)
     prompts = read_batch_file(args.batch_file) if args.batch_file else None
     run_config = read_run_config(args.run)

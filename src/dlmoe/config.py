@@ -285,6 +285,12 @@ class ModelConfig:
         check_float("model.init_std", self.init_std, low=0.0, low_open=True)
 
     @property
+    def block_causal(self) -> bool:
+        """Block-causal attention: trained on two streams [x_t ; x_0] (each noisy block sees the clean
+        earlier blocks), scored the same way, and sampled with an exact KV cache."""
+        return self.attention == "block_causal"
+
+    @property
     def kv_heads(self) -> int:
         return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
 

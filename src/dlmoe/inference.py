@@ -161,7 +161,7 @@ def eval_ppl(
     for batch in batches:
         noised = add_mask_noise(batch, config.model.mask_id, generator=generator, antithetic=True)
         # block-causal models are scored as trained: each noisy block against clean earlier blocks
-        clean = batch if config.model.attention == "block_causal" else None
+        clean = batch if config.model.block_causal else None
         logits = model(noised.noisy_ids, mask_ratio=noised.mask_ratio, clean_input_ids=clean).logits
         losses.append(masked_diffusion_loss(logits, batch, noised.masked, noised.mask_ratio).loss.item())
     nelbo = sum(losses) / len(losses)

@@ -1,4 +1,6 @@
-"""Process-level runtime settings for CPU runs.
+"""Process-level runtime settings: which device a command runs on, and CPU allocator tuning.
+
+`resolve_device` is the one place "auto" / "cpu" / "cuda" becomes a device.
 
 MoE layers allocate several large temporaries per forward (gathered rows, expert activations,
 their gradients). glibc serves allocations above its mmap threshold (≤ 32 MiB) with fresh pages
@@ -14,6 +16,23 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+import torch
+
+from dlmoe._checks import check_choice
+from dlmoe.vocab import DEVICE_NAMES
+
+
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """ "auto" = CUDA when available, else the CPU; "cuda" without a GPU is refused, naming `option`."""
+    check_choice(option, name, DEVICE_NAMES)
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    if name == "cuda" and not cuda:
+        raise ValueError(f"{option}='cuda' but no CUDA device is available (allowed: {', '.join(DEVICE_NAMES)})")
+    return torch.device(name)
+
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -103,7 +103,7 @@ def mc_log_likelihood(
     check_int("seed", seed)
     pairs = _fit_pairs(transformer, pairs)
     config = transformer.config
-    block_size = config.attention_block_size if config.attention == "block_causal" else None
+    block_size = config.attention_block_size if config.block_causal else None
     losses = [torch.zeros(mc_num, dtype=torch.float64) for _ in pairs]
 
     def row_groups() -> Iterator[_Rows]:
@@ -233,7 +233,7 @@ def _score_batch(
         targets_M.append(torch.as_tensor(answer, dtype=torch.long)[position_m])
         weights_M.append(rows.weight_nA[row_m, position_m])
         offset += rows.size
-    two_streams = transformer.config.attention == "block_causal"
+    two_streams = transformer.config.block_causal
     logits_RLV = padded_logits(transformer, noisy, clean if two_streams else None)
     rows_M, positions_M, targets_M = (torch.cat(t).to(device) for t in (rows_M, positions_M, targets_M))
     logits_MV = logits_RLV[rows_M, positions_M].float()

@@ -232,7 +232,7 @@ class DiffusionTransformer(nn.Module):
         routing = dataclasses.replace(routing or RoutingContext(), valid=valid_BL, block_ids=block_ids)
         if clean_input_ids is None:
             tokens_BL = input_ids
-            block_causal = self.config.attention == "block_causal"
+            block_causal = self.config.block_causal
             mask_BLC = single_stream_mask(block_causal, valid_BL, blocks_L, kv_cache, cache_start, batch)
         else:  # from here on L is 2L: [x_t ; x_0]
             if kv_cache is not None or return_kv:
@@ -310,7 +310,7 @@ class DiffusionTransformer(nn.Module):
 
         Routing blocks stay inside one stream (x_0 ids shifted past x_t's), so with block routing
         a clean block is routed on its own, as when the sampler fed it finished."""
-        if self.config.attention != "block_causal":
+        if not self.config.block_causal:
             raise ValueError(
                 f"clean_input_ids (two-stream block-diffusion training) needs model.attention='block_causal', "
                 f"this model is {self.config.attention!r}"

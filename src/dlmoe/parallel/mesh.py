@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dlmoe.config import ParallelConfig
+from dlmoe.runtime import resolve_device
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -110,9 +111,7 @@ def init_parallel(config: ParallelConfig, device: str = "auto") -> ParallelState
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     check_layout(world_size, config.expert_parallel)
-    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-    if device == "cuda" and not use_cuda:
-        raise ValueError("train.device='cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
+    use_cuda = resolve_device(device).type == "cuda"
     torch_device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(torch_device)

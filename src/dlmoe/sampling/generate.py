@@ -290,7 +290,7 @@ def _check_model_fit(transformer: object, canvas: object, cache: str, block_rout
     real = canvas.tokens[canvas.valid]
     if bool((real >= config.vocab_size).any()) or bool((real < 0).any()):
         raise ValueError(f"prompt token ids must lie in [0, vocab_size={config.vocab_size})")
-    if cache == "exact" and config.attention != "block_causal":
+    if cache == "exact" and not config.block_causal:
         raise ValueError(
             f"cache='exact' needs a block-causal model (model.attention='block_causal'), this one is "
             f"{config.attention!r}; use cache='prefix' or 'dual' (approximate) instead"

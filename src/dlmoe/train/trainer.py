@@ -37,7 +37,7 @@ from dlmoe.model.flops import model_size
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
 from dlmoe.precision import hardware_info, resolve_precision
 from dlmoe.routing.routers import update_expert_biases
-from dlmoe.runtime import tune_cpu_malloc
+from dlmoe.runtime import resolve_device, tune_cpu_malloc
 from dlmoe.train.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from dlmoe.train.data_setup import RunData, check_corpus, prepare_data
 from dlmoe.train.distributed import LocalRuntime
@@ -45,16 +45,6 @@ from dlmoe.train.init_from import SourceRun
 from dlmoe.train.metrics import MetricsLog, plot_losses, routing_summary
 from dlmoe.train.run_folder import LOCK_FILE, RunLock, changed_keys, check_resume_config, clear_run, holds_run
 from dlmoe.train.schedule import build_lr_schedule, lr_multiplier
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" = CUDA when available, else CPU; "cuda" without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
-    return torch.device(name)
-
 
 NUM_BINS = 10  # equal-width mask-ratio bins of the validation breakdown
 
@@ -201,7 +191,7 @@ class Trainer:
             MetricsLog(self.run_dir, resume_step=self.step if self.checkpoint else None) if runtime.is_main else None
         )
         # two streams: every training token is fed twice, against 2L keys
-        streams = 2 if model_config.attention == "block_causal" else 1
+        streams = 2 if model_config.block_causal else 1
         self.flops_per_token = streams * model_size(model_config, streams * config.data.seq_len).forward_flops_per_token
 
     def _record_launch(self) -> None:
@@ -295,7 +285,7 @@ class Trainer:
         noised = NoisedBatch(*(rows(getattr(noised, f.name)) for f in dataclasses.fields(noised)))
         dev = self.device
         # block-causal: the clean stream x_0 rides along, so earlier blocks are seen clean (as when sampling)
-        clean = {"clean_input_ids": batch.to(dev)} if self.config.model.attention == "block_causal" else {}
+        clean = {"clean_input_ids": batch.to(dev)} if self.config.model.block_causal else {}
         with self._autocast():
             out = self.runtime.forward_module(noised.noisy_ids.to(dev), mask_ratio=noised.mask_ratio.to(dev), **clean)
         diff = masked_diffusion_loss(

@@ -167,7 +167,7 @@ def check_exportable(mc: ModelConfig) -> None:
         shared = mc.moe.num_shared_experts
         if shared and mc.moe.shared_width != shared * mc.moe.expert_hidden:
             problems.append("shared experts whose width is not num_shared_experts × expert width")
-    if mc.attention != "block_causal":
+    if not mc.block_causal:
         problems.append(f"attention={mc.attention!r} (LLaDA2 is block-causal)")
     if problems:
         raise CheckpointError("this model cannot be written as LLaDA2: " + "; ".join(problems))
