@@ -21,9 +21,9 @@ import safetensors.torch
 import torch
 
 from dlmoe import cli
+from dlmoe.checkpoint import STATE_FILE, latest_checkpoint
 from dlmoe.cli import main
 from dlmoe.config_io import load_run_config, read_json, save_run_config
-from dlmoe.train.checkpoint import STATE_FILE, latest_checkpoint
 from dlmoe.train.trainer import TrainSummary
 from tests.train.test_checkpoint_safety import PAYLOADS, RunsCode, payloads, replace_file
 from tests.train.test_trainer import overrides
@@ -261,7 +261,7 @@ TORCH_FULL_DISK = [
 
 @pytest.mark.parametrize("message", TORCH_FULL_DISK)
 def test_torch_save_on_a_full_disk_is_reported_as_disk_full(tmp_path: Path, monkeypatch, message: str) -> None:
-    from dlmoe.train.checkpoint import save_checkpoint
+    from dlmoe.checkpoint import save_checkpoint
 
     def full(*args, **kwargs):
         raise RuntimeError(message)

@@ -269,7 +269,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def error_line(err: BaseException, command: str | None = None) -> str:
     """An exception as the one line the CLI prints (without the "dlmoe: error: " prefix)."""
-    from dlmoe.train.checkpoint import disk_full_message, is_disk_full
+    from dlmoe.checkpoint import disk_full_message, is_disk_full
 
     if is_disk_full(err):
         chain, current = [], err

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from dlmoe.checkpoint import latest_checkpoint
 from dlmoe.config import ParallelConfig
 from dlmoe.config_io import load_run_config
 from dlmoe.moe.experts import Experts
@@ -13,7 +14,6 @@ from dlmoe.parallel.all_to_all import all_to_all
 from dlmoe.parallel.expert_parallel import ShardedExperts
 from dlmoe.parallel.mesh import _differences, check_layout
 from dlmoe.train import Trainer
-from dlmoe.train.checkpoint import latest_checkpoint
 from dlmoe.train.distributed import LocalRuntime
 
 

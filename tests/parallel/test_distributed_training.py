@@ -10,10 +10,10 @@ import pytest
 import safetensors.torch
 import torch
 
+from dlmoe.checkpoint import checkpoint_layout, latest_checkpoint
 from dlmoe.config_io import load_run_config, run_config_from_dict
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
 from dlmoe.train import Trainer
-from dlmoe.train.checkpoint import checkpoint_layout, latest_checkpoint
 from dlmoe.train.distributed import LocalRuntime
 from tests.parallel import workers
 from tests.parallel.launch import assert_all_ok, errors, run_ranks

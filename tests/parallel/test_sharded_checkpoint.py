@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dlmoe.checkpoint import checkpoint_layout, latest_checkpoint, load_checkpoint, save_checkpoint
+from dlmoe.checkpoint.dcp_layout import load_sharded_checkpoint, save_sharded_checkpoint
 from dlmoe.config import ModelConfig, MoEConfig, RouterConfig
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
-from dlmoe.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-from dlmoe.train.checkpoint import checkpoint_layout, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def tiny(num_layers: int = 2, num_experts: int = 4) -> DlmoeForDiffusionLM:
@@ -88,7 +88,7 @@ def test_a_mismatched_model_is_refused_before_loading(tmp_path):
 
 
 def test_a_failed_save_leaves_the_run_and_earlier_checkpoints_alone(tmp_path, monkeypatch):
-    import dlmoe.parallel.checkpoint as sharded
+    import dlmoe.checkpoint.dcp_layout as sharded
 
     run = write_sharded_run(tmp_path / "run")
     (run / "config.json").write_text("{}")

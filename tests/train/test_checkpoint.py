@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from dlmoe.train.checkpoint import (
+from dlmoe.checkpoint import (
     META_FILE,
     MODEL_FILE,
     STATE_FILE,

@@ -16,8 +16,8 @@ import torch
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import nn
 
-from dlmoe.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-from dlmoe.train.checkpoint import META_FILE, STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from dlmoe.checkpoint import META_FILE, STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from dlmoe.checkpoint.dcp_layout import load_sharded_checkpoint, save_sharded_checkpoint
 
 REFUSED = r"state\.pt cannot be loaded safely \(weights_only\)"
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlmoe._fs import atomic_write_text
+from dlmoe._fs import atomic_write_bytes, atomic_write_text, staged_folder
 from dlmoe.config import RunConfig
 from dlmoe.config_io import load_run_config
 from dlmoe.train.metrics import read_metrics
@@ -258,13 +257,19 @@ def train_variant(out: Path, name: str, seed: int, base: dict[str, Any], variant
     shared_tokenizer = out / "runs" / "tokenizer"
     config = variant_config(base | {"run_dir": str(run_dir), "train.seed": seed}, variant)
     if (shared_tokenizer / "tokenizer.json").is_file():
-        shutil.copytree(shared_tokenizer, run_dir / "tokenizer", dirs_exist_ok=True)
+        _copy_folder(shared_tokenizer, run_dir / "tokenizer")
     Trainer(config, progress=False).fit()
     if not (shared_tokenizer / "tokenizer.json").is_file():
-        shutil.copytree(run_dir / "tokenizer", shared_tokenizer, dirs_exist_ok=True)
+        _copy_folder(run_dir / "tokenizer", shared_tokenizer)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     bins = json.loads((run_dir / "val_bins.json").read_text())["bins"]
     return VariantRun(name, seed, run_dir, metrics_rows(run_dir), bins)
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """Copy a flat folder through a staged scratch folder: a kill leaves the old one or the new one."""
+    with staged_folder(target, replace=True) as scratch:
+        shutil.copytree(source, scratch, dirs_exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- seed statistics
@@ -342,7 +347,7 @@ def finish_report(
     """results.json + results.md in `out`; with `results_doc`, that experiment's section of the doc."""
     write_json(out / "results.json", results)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
-    (out / "results.md").write_text(f"## {experiment}\n\n{markdown}\n\n{images}\n")
+    atomic_write_text(out / "results.md", f"## {experiment}\n\n{markdown}\n\n{images}\n")
     if results_doc is not None:
         update_results_doc(Path(results_doc), experiment, markdown, plots)
 
@@ -355,7 +360,7 @@ def update_results_doc(doc: Path, experiment: str, markdown: str, plots: Sequenc
     links = []
     for plot in plots:
         target = figures / f"{experiment}-{plot.name}"
-        shutil.copyfile(plot, target)
+        atomic_write_bytes(target, plot.read_bytes())
         links.append(f"![{plot.stem}](results/{target.name})")
     begin, end = f"<!-- experiment:{experiment} -->", f"<!-- /experiment:{experiment} -->"
     section = f"{begin}\n## {experiment}\n\n{markdown}\n\n" + "\n".join(links) + f"\n{end}"
@@ -367,6 +372,4 @@ def update_results_doc(doc: Path, experiment: str, markdown: str, plots: Sequenc
         text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = doc.with_name(f".{doc.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    atomic_write_text(doc, text)

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from dlmoe._fs import staged_folder
+from dlmoe.checkpoint import checkpoint_layout, latest_checkpoint, load_checkpoint, save_checkpoint
 from dlmoe.config import RunConfig
 from dlmoe.config_io import run_config_to_dict
-from dlmoe.train.checkpoint import checkpoint_layout, latest_checkpoint, load_checkpoint, save_checkpoint
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ class LocalRuntime:
     def load_checkpoint(self, path: Path, model, optimizer=None) -> dict:
         """Model (and optimizer, when given) from a checkpoint of either layout; returns its state."""
         if checkpoint_layout(path) == "dcp":  # written by a torchrun launch: any world size loads it
-            from dlmoe.parallel.checkpoint import load_sharded_checkpoint
+            from dlmoe.checkpoint.dcp_layout import load_sharded_checkpoint
 
             return load_sharded_checkpoint(path, model, optimizer, None)
         state = load_checkpoint(path, model)
@@ -172,12 +172,12 @@ class DistributedRuntime(LocalRuntime):
         return self.state.all_reduce_sum(x.to(self.state.device)).to(x.device)
 
     def save_checkpoint(self, run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
-        from dlmoe.parallel.checkpoint import save_sharded_checkpoint
+        from dlmoe.checkpoint.dcp_layout import save_sharded_checkpoint
 
         return save_sharded_checkpoint(run_dir, step, model, optimizer, state, self.state, keep_last=keep_last)
 
     def load_checkpoint(self, path: Path, model, optimizer) -> dict:
-        from dlmoe.parallel.checkpoint import load_sharded_checkpoint
+        from dlmoe.checkpoint.dcp_layout import load_sharded_checkpoint
 
         return load_sharded_checkpoint(path, model, optimizer, self.state)
 
@@ -198,8 +198,8 @@ class DistributedRuntime(LocalRuntime):
 
     def save_model(self, model, directory: Path, tokenizer) -> None:
         """Rank 0 writes the single-process model (full experts) and the tokenizer: what `dlmoe sample` loads."""
+        from dlmoe.checkpoint.dcp_layout import full_model_state
         from dlmoe.model.hf import DlmoeForDiffusionLM
-        from dlmoe.parallel.checkpoint import full_model_state
 
         tensors = full_model_state(model, self.state)
         if self.is_main:
