@@ -1,5 +1,6 @@
 """`dlmoe sample` end to end on a tiny trained run: every sampler option, a batch file, clear errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -104,8 +105,8 @@ def test_suppress_options_reach_sample_text_with_eos_resolved(capsys, run_dir, m
     assert isinstance(eos, int)
     seen = {}
 
-    def fake_sample_text(run, sample, **kwargs):
-        seen.update(kwargs)
+    def fake_sample_text(run, sampler, **kwargs):  # the options arrive in the one sampler config
+        seen.update(suppress_tokens=sampler.suppress_tokens, suppress_commit_tokens=sampler.suppress_commit_tokens)
         raise ValueError("stop here")
 
     monkeypatch.setattr(dlmoe.inference, "sample_text", fake_sample_text)
@@ -122,3 +123,22 @@ def test_suppressed_eos_is_never_generated(capsys, run_dir) -> None:
     )
     assert code == 0, err
     assert all("<|endoftext|>" not in line["text"] for line in lines[:-1])
+
+
+def test_sample_text_config_form_equals_keyword_form(run_dir) -> None:
+    from dlmoe.inference import read_run_config, sample_text
+    from dlmoe.sampling import SamplerConfig
+
+    section = read_run_config(run_dir).sample
+    options = dict(threshold=0.5, cache="dual", stop_at_eos=True)
+    old = sample_text(run_dir, prompts=["The king"], seed=3, **options)  # threshold=: adaptive steps, as before
+    new = sample_text(run_dir, dataclasses.replace(section, steps=None, **options), prompts=["The king"], seed=3)
+    assert old.texts == new.texts and old.stats.num_forwards == new.stats.num_forwards
+    for legacy in (  # the old forms: a section with keywords, and the old parameter name
+        sample_text(run_dir, section, prompts=["The king"], seed=3, **options),
+        sample_text(run_dir, sample=section, prompts=["The king"], seed=3, **options),
+    ):
+        assert legacy.texts == old.texts
+    # a plain SamplerConfig: prompt and samples per prompt come from the run's section
+    plain = sample_text(run_dir, SamplerConfig(gen_length=8, block_length=8, steps=8))
+    assert len(plain.texts) == section.num_samples and all(t.startswith(section.prompt) for t in plain.texts)

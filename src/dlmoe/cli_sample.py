@@ -8,14 +8,21 @@ bar goes to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from dlmoe._checks import check_float
-from dlmoe.config import BlockRoutingConfig
-from dlmoe.precision import PRECISIONS, resolve_precision
-from dlmoe.sampling import CACHE_MODES, CapacityPolicy
-from dlmoe.vocab import REMASKING
+from dlmoe.config import BlockRoutingConfig, SampleConfig
+from dlmoe.precision import resolve_precision
+from dlmoe.sampling import CapacityPolicy
+from dlmoe.vocab import CACHE_MODES, DEVICE_NAMES, PRECISIONS, REMASKING
+
+# flags that set the `SampleConfig` field of the same name as given
+PLAIN_FLAGS = (
+    "prompt", "num_samples", "gen_length", "block_length", "steps", "temperature", "remasking", "threshold", "cache",
+    "cfg_scale",
+)  # fmt: skip
 
 
 def parse_options(text: str, option: str, fields: dict[str, type]) -> dict[str, object]:
@@ -91,6 +98,29 @@ def read_batch_file(path: str) -> list[str]:
     return lines
 
 
+def sampler_from_args(args: argparse.Namespace, base: SampleConfig, eos_id: int | None, batch: bool) -> SampleConfig:
+    """The run's `sample` section with the options given on the command line (checked here, before
+    the model loads). `--threshold` makes the steps adaptive; a batch file samples each prompt once
+    unless `--num-samples` says otherwise."""
+    fields = {name: getattr(args, name) for name in PLAIN_FLAGS if getattr(args, name) is not None}
+    if args.threshold is not None:
+        fields["steps"] = None  # --steps is ignored with --threshold
+    if batch and args.num_samples is None:
+        fields["num_samples"] = 1
+    if args.stop_at_eos:
+        fields["stop_at_eos"] = True
+    options = {
+        "block_routing": block_routing_option(args.block_routing),
+        "capacity": capacity_option(args.capacity),
+        "suppress_tokens": token_ids_option(args.suppress_tokens, "--suppress-tokens", eos_id),
+        "suppress_commit_tokens": token_ids_option(args.suppress_commit_tokens, "--suppress-commit-tokens", eos_id),
+    }
+    fields |= {name: value for name, value in options.items() if value is not None}
+    sampler = dataclasses.replace(base, **fields)
+    sampler.check()
+    return sampler
+
+
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a trained run (LLaDA / Fast-dLLM samplers, dMoE routing)")
     p.add_argument("--run", required=True)
@@ -104,8 +134,8 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--remasking", choices=REMASKING)
     p.add_argument("--threshold", type=float, help="Fast-dLLM parallel decoding: commit every token with p >= τ")
-    p.add_argument("--cache", choices=CACHE_MODES, default="none", help="KV cache (exact needs a block-causal model)")
-    p.add_argument("--cfg", dest="cfg_scale", type=float, default=0.0, help="classifier-free guidance scale")
+    p.add_argument("--cache", choices=CACHE_MODES, help="KV cache (exact needs a block-causal model; default: none)")
+    p.add_argument("--cfg", dest="cfg_scale", type=float, help="classifier-free guidance scale (default: 0, off)")
     p.add_argument("--block-routing", dest="block_routing", metavar="top_p=0.6,guard=16", help="dMoE block routing")
     p.add_argument(
         "--capacity", metavar="schedule=linear_reverse,k_min=2,k_max=6", help="expert-choice capacity over the steps"
@@ -120,7 +150,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         help="token ids committed only when nothing else is left (confidence −inf; 'eos' = the model's EOS)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the model runs")
+    p.add_argument("--device", choices=DEVICE_NAMES, default="cpu", help="where the model runs")
     p.add_argument(
         "--dtype", choices=(*PRECISIONS, "keep"), default="auto",
         help="weight dtype at run time: auto = bf16 where the device runs it natively, else fp32; "
@@ -132,39 +162,23 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
 
 def sample(args: argparse.Namespace) -> None:
     """Generate from a trained run; all input is checked before the model runs."""
-    from dlmoe.config import SampleConfig
     from dlmoe.inference import read_run_config, sample_text
     from dlmoe.runtime import resolve_device
 
-    block_routing = block_routing_option(args.block_routing)
-    capacity = capacity_option(args.capacity)
     if args.threshold is not None:
         check_float("--threshold", args.threshold, low=0.0, high=1.0, low_open=True)
-    check_float("--cfg", args.cfg_scale, low=0.0)
+    if args.cfg_scale is not None:
+        check_float("--cfg", args.cfg_scale, low=0.0)
     device = resolve_device(args.device, "--device")
     precision = None if args.dtype == "keep" else resolve_precision(args.dtype, device)
     prompts = read_batch_file(args.batch_file) if args.batch_file else None
     run_config = read_run_config(args.run)
-    base = run_config.sample
-    eos_id = run_config.model.eos_id
-    suppress_tokens = token_ids_option(args.suppress_tokens, "--suppress-tokens", eos_id)
-    suppress_commit_tokens = token_ids_option(args.suppress_commit_tokens, "--suppress-commit-tokens", eos_id)
-    fields = {k: v for k, v in vars(args).items() if k in SampleConfig.__dataclass_fields__ and v is not None}
-    if prompts is not None and args.num_samples is None:
-        fields["num_samples"] = 1
+    sampler = sampler_from_args(args, run_config.sample, run_config.model.eos_id, batch=prompts is not None)
     output = sample_text(
         args.run,
-        SampleConfig(**(base.__dict__ | fields)),
+        sampler,
         prompts=prompts,
         seed=args.seed,
-        threshold=args.threshold,
-        cache=args.cache,
-        cfg_scale=args.cfg_scale,
-        block_routing=block_routing,
-        capacity=capacity,
-        stop_at_eos=args.stop_at_eos,
-        suppress_tokens=suppress_tokens,
-        suppress_commit_tokens=suppress_commit_tokens,
         progress=not args.no_progress,
         device=device,
         dtype=None if precision is None else precision.dtype,

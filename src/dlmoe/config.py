@@ -7,9 +7,11 @@ the value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from dlmoe._checks import check_choice, check_float, check_int
-from dlmoe.routing.schedules import DEFAULT_SIGMA, expected_k, validate_schedule
+from dlmoe.routing.config import BlockRoutingConfig, ExpertChoiceConfig, RouterConfig, TokenChoiceConfig
+from dlmoe.sampling.config import SamplerConfig
 from dlmoe.vocab import (
     ATTENTION_KINDS,
     DATA_PARALLEL,
@@ -17,180 +19,24 @@ from dlmoe.vocab import (
     DIST_BACKENDS,
     EC_POOLS,
     EXPERT_BACKENDS,
-    GATES,
     LOSS_WEIGHTINGS,
     LR_SCHEDULES,
-    POOLS,
     PRECISIONS,
-    REMASKING,
-    ROUTER_KINDS,
-    SCHEDULE_NAMES,
-    SCORE_FUNCTIONS,
-    SELECT,
 )
 
-
-@dataclass(kw_only=True)
-class BlockRoutingConfig:
-    """dMoE block routing: `block_size` tokens vote a coreset covering `top_p` of the votes."""
-
-    block_size: int = 32
-    top_p: float = 0.6
-    guard: int = 16
-
-    def __post_init__(self) -> None:
-        check_int("block.block_size", self.block_size, low=1)
-        check_float("block.top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        check_int("block.guard", self.guard, low=1)
-
-
-@dataclass(kw_only=True)
-class RouterConfig:
-    """Which router, and its knobs.
-
-    Shared: `kind`, `num_experts`, `num_experts_per_tok` (k; EC's static k), `z_loss_coef`.
-    Token choice: `score`, `renormalize`, `capacity_factor` (None = dropless), `aux_loss_coef`,
-    `expert_bias` (+ `bias_update_rate`), `n_group`/`topk_group`, `routed_scaling_factor`.
-    Expert choice: `pool`, `select`, `gate`, and a timestep-dependent capacity
-    `capacity_schedule` with `k_min`, `k_max`, `schedule_sigma`. `gate`: "restricted" (softmax over
-    the experts that chose the token; EC-DLM), "full" (the full softmax score; Zhou et al.), or
-    "restricted_sigmoid" (σ(l) normalised over the experts that chose the token; EC-DLM's
-    `moe_router_activation_function=sigmoid`).
-    Both: `block` (dMoE block routing: each block's tokens route only inside its coreset), and
-    `scaling_factor`: EC-DLM's `--enable-scaling-factor` — a token's routed gates are multiplied by
-    f = E_z[√S / ‖p̂‖₂] (S = `moe.num_shared_experts`, p̂ its routed gates under random logits),
-    so the routed part has the shared experts' expected norm: one constant for token choice, a
-    table indexed by each token's routed count for expert choice (`dlmoe.routing.scaling`; applied
-    in `MoELayer`). Needs shared experts. Not `routed_scaling_factor`, LLaDA2 / DeepSeek-V3's
-    fixed hand-set multiplier (2.5) of the same gates: both answer how large the routed part is
-    next to the shared one, so they are refused together (the product would match neither model).
-    """
-
-    kind: str = "token_choice"
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    z_loss_coef: float = 0.0
-    # token choice
-    score: str = "softmax"
-    renormalize: bool = True
-    capacity_factor: float | None = None
-    aux_loss_coef: float = 0.0
-    expert_bias: bool = False
-    bias_in_gate: bool = False  # gates from the biased scores (LLaDA-MoE's in-place `p += b`)
-    bias_update_rate: float = 1e-3
-    n_group: int | None = None
-    topk_group: int | None = None
-    routed_scaling_factor: float = 1.0
-    scaling_factor: bool = False  # EC-DLM's --enable-scaling-factor (both kinds; needs shared experts)
-    block: BlockRoutingConfig | None = None
-    # expert choice
-    pool: str = "sequence"
-    select: str = "logit"
-    gate: str = "restricted"
-    capacity_schedule: str | None = None
-    k_min: int | None = None
-    k_max: int | None = None
-    schedule_sigma: float = DEFAULT_SIGMA
-
-    def __post_init__(self) -> None:
-        check_choice("router.kind", self.kind, ROUTER_KINDS)
-        check_int("router.num_experts", self.num_experts, low=1)
-        check_int("router.num_experts_per_tok", self.num_experts_per_tok, low=1, high=self.num_experts)
-        check_float("router.z_loss_coef", self.z_loss_coef, low=0.0)
-        check_choice("router.score", self.score, SCORE_FUNCTIONS)
-        if self.capacity_factor is not None:
-            check_float("router.capacity_factor", self.capacity_factor, low=0.0, low_open=True)
-        check_float("router.aux_loss_coef", self.aux_loss_coef, low=0.0)
-        check_float("router.bias_update_rate", self.bias_update_rate, low=0.0)
-        check_float("router.routed_scaling_factor", self.routed_scaling_factor, low=0.0, low_open=True)
-        self._check_groups()
-        self._check_scaling_factor()
-        if self.bias_in_gate and not self.expert_bias:
-            raise ValueError(
-                "router.bias_in_gate=true needs router.expert_bias=true (it puts that bias into the gates)"
-            )
-        check_choice("router.pool", self.pool, POOLS)
-        check_choice("router.select", self.select, SELECT)
-        check_choice("router.gate", self.gate, GATES)
-        self._check_schedule()
-        if self.kind == "expert_choice":
-            tc_only = {
-                "capacity_factor": None,
-                "aux_loss_coef": 0.0,
-                "expert_bias": False,
-                "bias_in_gate": False,
-                "n_group": None,
-            }
-            for name, neutral in tc_only.items():
-                if getattr(self, name) != neutral:
-                    raise ValueError(
-                        f"router.{name}={getattr(self, name)!r} applies to token choice only; "
-                        f"expert choice is balanced by construction (leave it at {neutral!r})"
-                    )
-        if self.block is not None:
-            if isinstance(self.block, dict):
-                self.block = BlockRoutingConfig(**self.block)
-            # both kinds: token choice routes top-k inside each block's coreset, expert choice runs EC inside it
-            if self.block.guard > self.num_experts:
-                raise ValueError(
-                    f"router.block.guard must be <= router.num_experts={self.num_experts}, got {self.block.guard} "
-                    "(the default, 16, is dMoE's; set block.guard for fewer experts)"
-                )
-
-    def _check_groups(self) -> None:
-        if (self.n_group is None) != (self.topk_group is None):
-            raise ValueError(f"router.n_group and router.topk_group go together, got {self.n_group}, {self.topk_group}")
-        if self.n_group is not None:
-            check_int("router.n_group", self.n_group, low=1, high=self.num_experts)
-            if self.num_experts % self.n_group:
-                raise ValueError(f"router.n_group={self.n_group} must divide num_experts={self.num_experts}")
-            check_int("router.topk_group", self.topk_group, low=1, high=self.n_group)
-
-    def _check_scaling_factor(self) -> None:
-        if not isinstance(self.scaling_factor, bool):
-            raise ValueError(f"router.scaling_factor must be a bool, got {self.scaling_factor!r}")
-        if not self.scaling_factor:
-            return
-        if self.routed_scaling_factor != 1.0:
-            raise ValueError(
-                "router.scaling_factor=true (EC-DLM's norm-matching factor) and "
-                f"router.routed_scaling_factor={self.routed_scaling_factor} (a fixed multiplier) both set the scale "
-                "of the routed gates; use one of them"
-            )
-        if self.kind == "expert_choice" and self.gate == "full":
-            raise ValueError(
-                "router.scaling_factor=true assumes a token's routed gates sum to 1 (router.gate='restricted' or "
-                "'restricted_sigmoid', EC-DLM's); router.gate='full' gives softmax weights over all experts"
-            )
-
-    def _check_schedule(self) -> None:
-        if self.capacity_schedule is None:
-            return
-        if self.kind != "expert_choice":
-            raise ValueError(
-                f"router.capacity_schedule={self.capacity_schedule!r} (timestep-dependent capacity) needs "
-                f"router.kind='expert_choice', got kind={self.kind!r}"
-            )
-        if self.capacity_schedule not in SCHEDULE_NAMES:
-            raise ValueError(
-                f"router.capacity_schedule must be one of {list(SCHEDULE_NAMES)}, got {self.capacity_schedule!r}"
-            )
-        validate_schedule(self.capacity_schedule, self.schedule_sigma)
-        if self.k_min is None or self.k_max is None:
-            raise ValueError(
-                f"router.capacity_schedule={self.capacity_schedule!r} needs router.k_min and router.k_max "
-                f"(ints, 1 <= k_min <= k_max <= num_experts), got k_min={self.k_min}, k_max={self.k_max}"
-            )
-        check_int("router.k_min", self.k_min, low=1, high=self.num_experts)
-        check_int("router.k_max", self.k_max, low=1, high=self.num_experts)
-        if self.k_min > self.k_max:
-            raise ValueError(f"router.k_min must be <= router.k_max, got {self.k_min} > {self.k_max}")
-
-    def expected_experts_per_token(self) -> float:
-        """Average experts per token (∝ active expert FLOPs) under r ~ U(0, 1)."""
-        if self.capacity_schedule is None:
-            return float(self.num_experts_per_tok)
-        return expected_k(self.capacity_schedule, self.k_min, self.k_max, sigma=self.schedule_sigma)  # type: ignore[arg-type]
+__all__ = [  # the router configs live in dlmoe.routing.config; re-exported here for every caller
+    "BlockRoutingConfig",
+    "DataConfig",
+    "ExpertChoiceConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RouterConfig",
+    "RunConfig",
+    "SampleConfig",
+    "TokenChoiceConfig",
+    "TrainConfig",
+]
 
 
 @dataclass(kw_only=True)
@@ -403,24 +249,26 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class SampleConfig:
-    """LLaDA sampling settings used by `dlmoe sample` and the demo."""
+class SampleConfig(SamplerConfig):
+    """A run's `sample` section (`dlmoe sample`, the demo): the prompt, samples per prompt, and the
+    sampler with this run's defaults, so `generate(model, ids, run_config.sample)` works.
+
+    Lengths and steps are checked together when it is sampled from, not when a run config is read:
+    a saved run stays readable with lengths a caller then overrides (`dlmoe sample --gen-length`)."""
+
+    section: ClassVar[str] = "sample"
 
     prompt: str = "ROMEO:"
     num_samples: int = 2
     gen_length: int = 64
     block_length: int = 32
-    steps: int = 64
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
+    steps: int | None = 64
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"sample.prompt must be a string, got {self.prompt!r}")
         check_int("sample.num_samples", self.num_samples, low=1)
-        check_int("sample.gen_length", self.gen_length, low=1)
-        check_int("sample.block_length", self.block_length, low=1)
-        check_int("sample.steps", self.steps, low=1)
-        check_float("sample.temperature", self.temperature, low=0.0)
-        check_choice("sample.remasking", self.remasking, REMASKING)
+        self._check_options()
 
 
 @dataclass(kw_only=True)

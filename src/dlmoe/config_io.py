@@ -5,6 +5,11 @@
 Unknown keys are refused with the closest valid names; wrong value types name the key and value.
 Dotted keys may fill an optional section that is null: `model.moe.router.block.top_p=0.6` creates
 block routing with the other fields at their defaults.
+
+The router's schema is that of its kind (`TokenChoiceConfig` / `ExpertChoiceConfig`), the
+`model.moe.router.kind` that the last layer setting it gives. Router fields of the other kind are
+dropped from the layers before a switch of kind (a token-choice run fine-tuned as expert choice),
+and where the kind holds, dropped at their neutral defaults (old flat configs) and refused otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dlmoe._fs import atomic_write_text
-from dlmoe.config import RunConfig
+from dlmoe.config import RouterConfig, RunConfig
+from dlmoe.routing.config import ROUTER_CONFIGS, fields_for_kind, other_kind_field
 
 ALLOWED_CONFIG = "a YAML mapping of sections: run_dir, model, data, train, sample, parallel"
 RUN_CONFIG_DAMAGED = (
@@ -127,8 +133,7 @@ def load_run_config(
     path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
 ) -> RunConfig:
     """Defaults ← `base` (a saved run's config dict) ← YAML file ← `key=value` overrides, validated."""
-    schema = OmegaConf.structured(RunConfig)
-    layers = [schema]
+    layers: list[Any] = []
     try:
         if base is not None:
             layers.append(OmegaConf.create(base))
@@ -142,10 +147,58 @@ def load_run_config(
                 raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return _merged(layers)
     except OmegaConfBaseException as err:
         raise ValueError(f"invalid config: {_clean(err)}") from None
+
+
+def _merged(layers: list[DictConfig]) -> RunConfig:
+    """The layers merged over the RunConfig schema with the router schema of the effective kind."""
+    containers = [OmegaConf.to_container(layer) for layer in layers]
+    kind = _router_kinds(containers)[-1]
+    schema = OmegaConf.structured(RunConfig)
+    if schema.model.moe is not None:
+        schema.model.moe.router = OmegaConf.structured(ROUTER_CONFIGS[kind])
+    merged = OmegaConf.merge(schema, *(OmegaConf.create(c) for c in _for_kind(containers, kind)))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _router_of(layer: Any) -> dict[str, Any] | None:
+    """The layer's `model.moe.router` mapping, if it has one."""
+    for key in ("model", "moe", "router"):
+        if not isinstance(layer, dict) or not isinstance(layer.get(key), dict):
+            return None
+        layer = layer[key]
+    return layer
+
+
+def _router_kinds(layers: list[Any]) -> list[str]:
+    """The router kind in effect after each layer (the default kind before any sets one)."""
+    kind = RouterConfig.__dataclass_fields__["kind"].default
+    kinds = []
+    for layer in layers:
+        router = _router_of(layer)
+        if router is not None and isinstance(router.get("kind"), str) and router["kind"] in ROUTER_CONFIGS:
+            kind = router["kind"]
+        kinds.append(kind)
+    return kinds or [kind]
+
+
+def _for_kind(layers: list[Any], kind: str) -> list[Any]:
+    """The layers with the router fields of the other kind removed: all of them in layers before
+    the kind switched to `kind`, the neutral ones elsewhere (others refused, `fields_for_kind`)."""
+    for layer, in_effect in zip(layers, _router_kinds(layers), strict=False):
+        router = _router_of(layer)
+        if router is None:
+            continue
+        if in_effect != kind:  # written for the other kind, which a later layer replaced
+            for name in [n for n in router if n != "kind" and other_kind_field(n) is not None]:
+                del router[name]
+        else:
+            kept = fields_for_kind(kind, router, where="model.moe.router")
+            for name in [n for n in router if n not in kept]:
+                del router[name]
+    return layers
 
 
 def run_config_to_dict(config: RunConfig) -> dict[str, Any]:
@@ -159,8 +212,7 @@ def run_config_from_dict(data: dict[str, Any], where: str | Path | None = None) 
     if not isinstance(data, dict):
         raise ValueError(f"the saved config{source} is a {type(data).__name__}, not a run config (a JSON object)")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return _merged([OmegaConf.create(data)])
     except OmegaConfBaseException as err:
         raise ValueError(f"invalid saved config{source}: {_clean(err)}") from None
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +10,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from dlmoe.config import BlockRoutingConfig, RunConfig, SampleConfig
+from dlmoe._checks import check_int
+from dlmoe.config import RunConfig, SampleConfig
 from dlmoe.config_io import read_json, read_saved_run_config
 from dlmoe.data import load_tokenizer
 from dlmoe.diffusion.noise import add_mask_noise
+from dlmoe.diffusion.validation import VALIDATION_SEED, validation_elbo
 from dlmoe.model.hf import DlmoeForDiffusionLM
-from dlmoe.sampling import CapacityPolicy, GenerationStats, StepInfo, generate
+from dlmoe.sampling import GenerationStats, SamplerConfig, StepInfo, generate
+from dlmoe.sampling.config import sampler_from_keywords
 from dlmoe.train.data_setup import prepare_data
 from dlmoe.train.metrics import routing_summary
 
@@ -66,66 +67,49 @@ class SampleOutput:
 
 def sample_text(
     run_dir: str | Path,
-    sample: SampleConfig | None = None,
+    sampler: SamplerConfig | None = None,
     *,
     prompts: list[str] | None = None,
     seed: int = 0,
-    threshold: float | None = None,
-    cache: str = "none",
-    cfg_scale: float = 0.0,
-    block_routing: BlockRoutingConfig | None = None,
-    capacity: CapacityPolicy | None = None,
-    stop_at_eos: bool = False,
-    suppress_tokens: Sequence[int] | None = None,
-    suppress_commit_tokens: Sequence[int] | None = None,
     progress: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    **keywords: object,
 ) -> SampleOutput:
-    """Generate from a trained run: each prompt (default: the config's) `num_samples` times, as one
-    left-padded batch, on `device` (weights cast to `dtype` when given). Options are those of
-    `dlmoe.sampling.generate`."""
+    """Generate from a trained run: each prompt `num_samples` times, as one left-padded batch, on
+    `device` (weights cast to `dtype` when given).
+
+    sampler: how to generate (default: the run's `sample` section). A `SampleConfig` also gives the
+        prompt (when `prompts` is None) and the samples per prompt; a plain `SamplerConfig` takes
+        them from the run's section. The older keyword form (`sample=`, `threshold=`, `cache=`,
+        ... any `SamplerConfig` field) changes those fields of the sampler; `threshold=` without
+        `steps=` makes the steps adaptive, as it always did here."""
     config, model, tokenizer = load_run(run_dir)
     model = model.to(device=device, dtype=dtype)
-    s = sample or config.sample
-    prompts = [s.prompt] if prompts is None else prompts
-    rows = [p for p in prompts for _ in range(s.num_samples)]
+    base = keywords.pop("sample", None) if sampler is None else sampler  # `sample=`: the old name
+    if keywords.get("threshold") is not None:
+        keywords.setdefault("steps", None)
+    sampler = sampler_from_keywords(None, keywords, "sample_text", base=base or config.sample)
+    sampler.check()
+    section = sampler if isinstance(sampler, SampleConfig) else config.sample
+    prompts = [section.prompt] if prompts is None else prompts
+    rows = [p for p in prompts for _ in range(section.num_samples)]
     prompt_ids = [tokenizer.encode(p) for p in rows]
     for text, ids in zip(rows, prompt_ids, strict=True):
         if not ids:
             raise ValueError(f"prompt {text!r} encodes to no tokens")
     generator = torch.Generator().manual_seed(seed)
-    num_steps = s.steps if threshold is None else None
-    with tqdm(total=s.gen_length * len(rows), disable=not progress, desc="sample", unit="tok") as bar:
+    with tqdm(total=sampler.gen_length * len(rows), disable=not progress, desc="sample", unit="tok") as bar:
 
         def advance(info: StepInfo) -> None:
             bar.update(int(info.committed.sum()))
 
-        result = generate(
-            model,
-            prompt_ids,
-            gen_length=s.gen_length,
-            block_length=s.block_length,
-            steps=num_steps,
-            temperature=s.temperature,
-            remasking=s.remasking,
-            threshold=threshold,
-            cache=cache,
-            cfg_scale=cfg_scale,
-            block_routing=block_routing,
-            capacity=capacity,
-            eos_id=config.model.eos_id,
-            stop_at_eos=stop_at_eos,
-            suppress_tokens=suppress_tokens,
-            suppress_commit_tokens=suppress_commit_tokens,
-            generator=generator,
-            callback=advance if progress else None,
-        )
-    eos = config.model.eos_id
+        result = generate(model, prompt_ids, sampler, generator=generator, callback=advance if progress else None)
+    eos = config.model.eos_id if sampler.eos_id is None else sampler.eos_id
     texts = []
     for text, row in zip(rows, result.generated, strict=True):
         ids = row.tolist()
-        if stop_at_eos and eos in ids:
+        if sampler.stop_at_eos and eos in ids:
             ids = ids[: ids.index(eos)]
         texts.append(text + tokenizer.decode(ids))
     return SampleOutput(texts, rows, result.stats)
@@ -144,30 +128,33 @@ def routing_by_mask_ratio(run_dir: str | Path, ratios: tuple[float, ...] = (0.1,
     return rows
 
 
-@torch.no_grad()
 def eval_ppl(
-    run_dir: str | Path, num_batches: int | None = None, seed: int = 1234, *, dtype: torch.dtype | None = None
+    run_dir: str | Path,
+    num_batches: int | None = None,
+    seed: int = VALIDATION_SEED,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Validation ELBO (nats/token), perplexity upper bound exp(ELBO) and bits per byte, on the CPU
-    (weights cast to `dtype` when given)."""
-    from dlmoe.diffusion.loss import masked_diffusion_loss
-
+    (weights cast to `dtype` when given): `diffusion.validation_elbo`, as training validates (same
+    seed by default, t ~ U(0, 1), antithetic as `train.antithetic`, two streams for block-causal models)."""
+    if num_batches is not None:
+        check_int("num_batches", num_batches, low=0)  # None or 0: every validation batch
     config, model, _ = load_run(run_dir)
     model = model.to(dtype=dtype)
     data = prepare_data(config, Path(run_dir))
     batches = data.validation_batches[:num_batches] if num_batches else data.validation_batches
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for batch in batches:
-        noised = add_mask_noise(batch, config.model.mask_id, generator=generator, antithetic=True)
-        # block-causal models are scored as trained: each noisy block against clean earlier blocks
-        clean = batch if config.model.block_causal else None
-        logits = model(noised.noisy_ids, mask_ratio=noised.mask_ratio, clean_input_ids=clean).logits
-        losses.append(masked_diffusion_loss(logits, batch, noised.masked, noised.mask_ratio).loss.item())
-    nelbo = sum(losses) / len(losses)
+    result = validation_elbo(
+        model,
+        batches,
+        mask_id=config.model.mask_id,
+        two_stream=config.model.block_causal,
+        antithetic=config.train.antithetic,
+        seed=seed,
+    )
     return {
-        "val_elbo_nats_per_token": nelbo,
-        "ppl_upper_bound": math.exp(nelbo),
-        "bits_per_byte": nelbo / math.log(2) / data.bytes_per_token,
+        "val_elbo_nats_per_token": result.nats_per_token,
+        "ppl_upper_bound": result.ppl_upper_bound,
+        "bits_per_byte": result.bits_per_byte(data.bytes_per_token),
         "tokens": sum(b.numel() for b in batches),
     }

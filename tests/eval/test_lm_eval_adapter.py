@@ -1,10 +1,12 @@
 """The lm-eval adapter: registered as "dlmoe", runs local jsonl tasks through `lm_eval.simple_evaluate`
 (multiple choice, rolling perplexity, generation), and its methods agree with dlmoe's own functions."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -13,6 +15,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from dlmoe.eval import encode_pair, greedy_matches, mc_log_likelihood, text_encoder  # noqa: E402
 from dlmoe.eval.lm_eval_adapter import DlmoeLM, _cut  # noqa: E402
+from dlmoe.sampling import SamplerConfig, generate  # noqa: E402
 
 DOCS = [
     {"question": "The king speaks of", "choices": ["stars and seas", "a dog"], "answer": 0},
@@ -149,6 +152,7 @@ def test_generate_until_cuts_at_stop_strings(lm: DlmoeLM) -> None:
         ({"check_greedy": "yes"}, "check_greedy must be a bool"),
         ({"max_length": 1000}, "max_length must be <= 64"),
         ({"steps_per_token": 0}, "steps_per_token must be in"),
+        ({"sampler": {"cache": "dual"}}, "sampler must be a SamplerConfig or None, got dict"),
     ],
 )
 def test_bad_arguments(trained_run: Path, kwargs, match) -> None:
@@ -168,3 +172,20 @@ def test_registered_name() -> None:
 @pytest.mark.parametrize(("value", "expected"), [(None, 16), ("auto", 16), ("auto:4", 16), ("4", 4), (3, 3)])
 def test_batch_size_forms_lm_eval_passes(trained_run: Path, value, expected) -> None:
     assert DlmoeLM(run=str(trained_run), batch_size=value).batch_size == expected
+
+
+def test_generate_until_runs_the_sampler_it_was_given(lm: DlmoeLM, trained_run: Path) -> None:
+    eos = lm.config.eos_id
+    setting = lm._gen_settings({"max_gen_toks": 6})
+    # no sampler: LLaDA's, as before (block_length=4, steps_per_token=0.25: one step per block)
+    plain = SamplerConfig(gen_length=8, block_length=4, steps=2, temperature=0.0, eos_id=eos, stop_at_eos=True)
+    assert lm._request_sampler(setting) == plain
+    sampler = SamplerConfig(gen_length=8, block_length=4, threshold=0.5, cache="dual", suppress_tokens=[5])
+    fast = DlmoeLM(run=str(trained_run), sampler=sampler, seed=1)
+    assert (fast.max_gen_toks, fast.block_length, fast.steps_per_token) == (8, 4, None)  # defaults from the sampler
+    want = dataclasses.replace(sampler, temperature=0.0, eos_id=eos, stop_at_eos=True)
+    assert fast._request_sampler(fast._gen_settings({"max_gen_toks": 6})) == want
+    [text] = fast.generate_until([request("generate_until", "The king", {"max_gen_toks": 6})], disable_tqdm=True)
+    ids = generate(fast.model, [fast.encode("The king")], want, generator=torch.Generator().manual_seed(1))
+    row = ids.generated[0].tolist()
+    assert text == fast.tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True)

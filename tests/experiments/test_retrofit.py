@@ -76,7 +76,7 @@ def test_only_the_router_kind_changes(finished: tuple[Path, dict]) -> None:
     ec = json.loads((out / results["arms"]["ec"][0]["run_dir"] / "config.json").read_text())
     assert tc["model"] == base["model"]  # the control continues token choice unchanged
     router = ec["model"]["moe"].pop("router")
-    assert router["kind"] == "expert_choice" and router["aux_loss_coef"] == 0.0 and router["expert_bias"] is False
+    assert router["kind"] == "expert_choice" and not {"aux_loss_coef", "expert_bias"} & set(router)  # no TC fields
     assert router["num_experts_per_tok"] == base["model"]["moe"]["router"]["num_experts_per_tok"]  # same k
     base["model"]["moe"].pop("router")
     assert ec["model"] == base["model"]

@@ -202,7 +202,8 @@ def test_block_routed_layers_scale_their_coreset_gates_the_same_way(kind: str) -
     from dlmoe.config import BlockRoutingConfig
 
     block = BlockRoutingConfig(block_size=4, top_p=0.5, guard=2)
-    _, layer = layer_pair(kind=kind, num_experts=EXPERTS, num_experts_per_tok=2, score="sigmoid", block=block)
+    score = {"score": "sigmoid"} if kind == "token_choice" else {}  # a token-choice option (refused for EC)
+    _, layer = layer_pair(kind=kind, num_experts=EXPERTS, num_experts_per_tok=2, block=block, **score)
     x = torch.randn(BATCH, LENGTH, DIM)
     _, moe_out = layer(x)
     raw = layer.router(x)

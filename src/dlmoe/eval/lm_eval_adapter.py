@@ -13,9 +13,13 @@ loglikelihood: the MC-ELBO of the continuation (`mc_num` stratified samples, LLa
     it and reports False. An empty context is replaced by the EOS token (lm-eval's prefix token).
 loglikelihood_rolling: the ELBO bound of the whole string, chunks of `max_length` tokens scored
     unconditionally (as `dlmoe.eval.text_elbo`).
-generate_until: `dlmoe.sampling.generate` (greedy unless gen_kwargs give a temperature), one token
-    per step by default, cut at EOS and at the first stop string. `max_gen_toks` is rounded up to
-    a multiple of `block_length` and capped so that generation fits in max_seq_len.
+generate_until: `dlmoe.sampling.generate` with `sampler` (a `SamplerConfig`: cache, threshold, CFG,
+    block routing, capacity, suppression, ...; default: the plain LLaDA sampler), greedy unless
+    gen_kwargs give a temperature, one token per step by default, cut at EOS and at the first stop
+    string. Per request the lengths, steps and temperature are set: `max_gen_toks` is rounded up to
+    a multiple of `block_length` and capped so that generation fits in max_seq_len. Without
+    arguments these come from `sampler` (gen_length, block_length, steps / gen_length; no steps:
+    adaptive, its threshold), else 64, 32 and 1.0.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from lm_eval.api.registry import register_model
 from dlmoe._checks import check_float, check_int
 from dlmoe.eval.encoding import encode_pair, text_encoder
 from dlmoe.eval.likelihood import diffusion_transformer, eval_mode, greedy_matches, mc_log_likelihood
-from dlmoe.sampling import generate
+from dlmoe.sampling import SamplerConfig, generate
+from dlmoe.sampling.config import sampler_from_keywords
 
 
 @register_model("dlmoe")
@@ -50,9 +55,10 @@ class DlmoeLM(LM):
         seed: int = 0,
         check_greedy: bool = True,
         max_length: int | None = None,
-        max_gen_toks: int = 64,
-        block_length: int = 32,
-        steps_per_token: float = 1.0,
+        sampler: SamplerConfig | None = None,
+        max_gen_toks: int | None = None,
+        block_length: int | None = None,
+        steps_per_token: float | None = None,
         device: str | None = None,
         max_batch_size: int | None = None,  # accepted for lm-eval's generic arguments; not used
     ) -> None:
@@ -67,13 +73,29 @@ class DlmoeLM(LM):
             raise ValueError(f"check_greedy must be a bool, got {check_greedy!r}")
         self.check_greedy = check_greedy
         self.max_length = check_int("max_length", max_length, low=1, high=self.config.max_seq_len)
-        self.max_gen_toks = check_int("max_gen_toks", max_gen_toks, low=1)
-        self.block_length = check_int("block_length", block_length, low=1)
-        self.steps_per_token = check_float("steps_per_token", steps_per_token, low=0.0, high=1.0, low_open=True)
+        self._init_generation(sampler, max_gen_toks, block_length, steps_per_token)
         if device:
             self.transformer.to(device)
         self._device = next(self.transformer.parameters()).device
         self.encode = text_encoder(self.tokenizer)
+
+    def _init_generation(
+        self, sampler: object, max_gen_toks: int | None, block_length: int | None, steps_per_token: float | None
+    ) -> None:
+        """generate_until's settings: the sampler, and the defaults its per-request lengths and steps take."""
+        if sampler is not None and not isinstance(sampler, SamplerConfig):
+            raise ValueError(f"sampler must be a SamplerConfig or None, got {type(sampler).__name__}")
+        self.sampler = sampler
+        if sampler is None:
+            gen_length, block, per_token = 64, 32, 1.0
+        else:
+            gen_length, block = sampler.gen_length, sampler.block_length
+            per_token = None if sampler.steps is None else sampler.steps / sampler.gen_length
+        self.max_gen_toks = check_int("max_gen_toks", gen_length if max_gen_toks is None else max_gen_toks, low=1)
+        self.block_length = check_int("block_length", block if block_length is None else block_length, low=1)
+        self.steps_per_token = per_token if steps_per_token is None else steps_per_token
+        if self.steps_per_token is not None:  # None: adaptive steps (the sampler's threshold)
+            check_float("steps_per_token", self.steps_per_token, low=0.0, high=1.0, low_open=True)
 
     # ------------------------------------------------------------------ lm-eval API
 
@@ -148,7 +170,10 @@ class DlmoeLM(LM):
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         want = check_int("max_gen_toks", gen_kwargs.get("max_gen_toks", self.max_gen_toks), low=1)
-        temperature = check_float("temperature", float(gen_kwargs.get("temperature", 0.0) or 0.0), low=0.0)
+        default_temperature = 0.0 if self.sampler is None else self.sampler.temperature
+        temperature = gen_kwargs.get("temperature")
+        temperature = default_temperature if temperature is None else float(temperature)
+        temperature = check_float("temperature", temperature, low=0.0)
         block = min(self.block_length, want)
         room = (self.config.max_seq_len - 1) // block * block  # leave at least one prompt token
         if room < 1:
@@ -157,23 +182,31 @@ class DlmoeLM(LM):
         return {"until": until, "gen_length": gen_length, "block_length": block, "temperature": temperature}
 
     def _generate(self, contexts: list[str], setting: dict) -> list[str]:
-        eos = self.config.eos_id
+        sampler = self._request_sampler(setting)
+        eos = sampler.eos_id
         keep = self.config.max_seq_len - setting["gen_length"]
         prompts = [(self.encode(c) or ([eos] if eos is not None else self.encode(" ")))[-keep:] for c in contexts]
-        num_blocks = setting["gen_length"] // setting["block_length"]
-        per_block = max(1, round(setting["block_length"] * self.steps_per_token))
         with eval_mode(self.transformer):
-            result = generate(
-                self.model, prompts, gen_length=setting["gen_length"], block_length=setting["block_length"],
-                steps=per_block * num_blocks, temperature=setting["temperature"], eos_id=eos,
-                stop_at_eos=eos is not None, generator=torch.Generator().manual_seed(self.seed),
-            )  # fmt: skip
+            result = generate(self.model, prompts, sampler, generator=torch.Generator().manual_seed(self.seed))
         texts = []
         for row in result.generated.tolist():
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts
+
+    def _request_sampler(self, setting: dict) -> SamplerConfig:
+        """The sampler with one request's lengths, steps and temperature; stops at EOS (cut there anyway)."""
+        gen_length, block = setting["gen_length"], setting["block_length"]
+        steps = None
+        if self.steps_per_token is not None:
+            steps = max(1, round(block * self.steps_per_token)) * (gen_length // block)
+        eos = self.config.eos_id if self.sampler is None or self.sampler.eos_id is None else self.sampler.eos_id
+        request = dict(
+            gen_length=gen_length, block_length=block, steps=steps, temperature=setting["temperature"], eos_id=eos,
+            stop_at_eos=eos is not None,
+        )  # fmt: skip
+        return sampler_from_keywords(None, request, "generate_until", base=self.sampler)
 
 
 def _cut(text: str, until: list[str]) -> str:

@@ -4,11 +4,13 @@ The text is encoded as one document (special-token strings in it stay plain byte
 consecutive chunks of `seq_len` tokens (`dlmoe eval`: the run's training length), each scored
 unconditionally, as training rows are: bound = Σ_chunks −ELBO(chunk) ≥ Σ_chunks −log p(chunk),
 each chunk with `mc_num` stratified noise draws from a fixed seed (`likelihood.mc_log_likelihood`
-with an empty prompt). The validation ELBO of training and `dlmoe.inference.eval_ppl` draws
-t ~ U(0, 1) instead and weights by the realised mask ratio: close to the same bound, on the run's
-own validation split.
+with an empty prompt). This is a different estimator on purpose (any text, a standard error from
+the MC draws): the validation ELBO of training and `dlmoe.inference.eval_ppl`
+(`diffusion.validation_elbo`) draws t ~ U(0, 1) instead and weights by the realised mask ratio:
+close to the same bound, on the run's own validation split. Both report through the same formulas
+(`diffusion.bounds`), so their numbers compare:
 
-    nats/token = bound / tokens, ppl ≤ exp(nats/token), bits/byte = bound / ln 2 / UTF-8 bytes
+    nats/token = bound / tokens, ppl ≤ exp(nats/token), bits/byte = (nats/token) / ln 2 / (bytes/token)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from dlmoe._checks import check_int
 from dlmoe.data.tokenizer import document_encoder
+from dlmoe.diffusion.bounds import bits_per_byte, perplexity_bound
 from dlmoe.eval.likelihood import diffusion_transformer, mc_log_likelihood
 
 
@@ -67,8 +70,8 @@ def text_elbo(
     per_token = nll / len(ids)
     return TextBound(
         nelbo_nats_per_token=per_token,
-        ppl_upper_bound=math.exp(min(per_token, 700.0)),  # exp overflows past ~709 nats
-        bits_per_byte=nll / math.log(2) / num_bytes,
+        ppl_upper_bound=perplexity_bound(per_token),
+        bits_per_byte=bits_per_byte(per_token, num_bytes / len(ids)),
         std_error_nats_per_token=std / len(ids),
         tokens=len(ids),
         bytes=num_bytes,

@@ -20,8 +20,7 @@ import torch
 
 from dlmoe.config import BlockRoutingConfig, RunConfig
 from dlmoe.config_io import load_run_config, run_config_to_dict
-from dlmoe.diffusion.loss import masked_diffusion_loss
-from dlmoe.diffusion.noise import add_mask_noise
+from dlmoe.diffusion.validation import validation_elbo
 from dlmoe.eval.mcq_file import read_mcq_jsonl
 from dlmoe.eval.multiple_choice import score_mcq
 from dlmoe.experiments import ExperimentArgs
@@ -133,20 +132,24 @@ def _sweep(model, tokenizer, config: RunConfig, batches, mcq: dict, guard: int) 
 
 
 def _held_out(model, config: RunConfig, batches) -> dict[str, float]:
-    """ELBO over fixed noise draws, and dMoE's unique experts per 32-token block (mean over layers)."""
+    """The validation ELBO (`validation_elbo`, NOISE_DRAWS passes of its fixed noise), and dMoE's unique
+    experts per 32-token block (mean over layers) of the same forwards."""
     model.eval()
-    generator = torch.Generator().manual_seed(1234)
-    losses, unique, experts = [], [], []
-    for _ in range(NOISE_DRAWS):
-        for batch in batches:
-            noised = add_mask_noise(batch, config.model.mask_id, generator=generator, antithetic=True)
-            output = model(noised.noisy_ids, mask_ratio=noised.mask_ratio)
-            losses.append(masked_diffusion_loss(output.logits, batch, noised.masked, noised.mask_ratio).loss.item())
-            stats = [d.stats(block_size=BLOCK_SIZE) for d in output.dispatches]
-            unique.append(sum(s.unique_experts_per_block for s in stats) / len(stats))
-            experts.append(sum(s.experts_per_token_mean for s in stats) / len(stats))
+    unique, experts = [], []
+
+    def forward(noisy_ids, **inputs):
+        output = model(noisy_ids, **inputs)
+        stats = [d.stats(block_size=BLOCK_SIZE) for d in output.dispatches]
+        unique.append(sum(s.unique_experts_per_block for s in stats) / len(stats))
+        experts.append(sum(s.experts_per_token_mean for s in stats) / len(stats))
+        return output
+
+    elbo = validation_elbo(
+        forward, list(batches) * NOISE_DRAWS, mask_id=config.model.mask_id, two_stream=config.model.block_causal,
+        antithetic=config.train.antithetic,
+    )  # fmt: skip
     return {
-        "elbo": sum(losses) / len(losses),
+        "elbo": elbo.nats_per_token,
         "unique_experts_per_block": sum(unique) / len(unique),
         "experts_per_token": sum(experts) / len(experts),
     }

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dlmoe._checks import check_float, check_int
+from dlmoe.diffusion.validation import NUM_BINS as NUM_VAL_BINS
 from dlmoe.experiments import ExperimentArgs
 from dlmoe.experiments._fine_tune import (
     ProbeResult,
@@ -41,7 +42,6 @@ from dlmoe.experiments.common import (
     seed_stats,
 )
 from dlmoe.train.init_from import SourceRun
-from dlmoe.train.trainer import NUM_BINS as NUM_VAL_BINS
 
 NAME = "learning-efficiency"
 BASE_VARIANT = {"model.moe.router.kind": "expert_choice"}  # EC-DLM's model

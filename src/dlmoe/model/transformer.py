@@ -14,7 +14,6 @@ Letters: B batch, L fed length, C key columns, D model width, H heads, K kv head
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,8 @@ from dlmoe.model.kv_cache import KVCache, spliced
 from dlmoe.moe import MoELayer, SwiGLU
 from dlmoe.routing.context import RoutingContext, check_block_ids
 from dlmoe.routing.dispatch import Dispatch
+from dlmoe.routing.plan import plan_forward
+from dlmoe.routing.routers import ExpertChoiceRouter
 
 
 class RMSNorm(nn.Module):
@@ -214,12 +215,15 @@ class DiffusionTransformer(nn.Module):
             blocks of block-causal attention (default: column // attention_block_size) and, when
             passed, of dMoE block routing (else the router's own block_size).
         routing: per-forward routing options (block routing, EC capacity); padding and block ids
-            are filled in from attention_mask and block_ids.
+            are filled in from attention_mask and block_ids. Checked once here, for every MoE
+            layer, which also share the expert-choice k and capacities computed once (`plan_forward`).
         kv_cache: K/V of the other canvas columns; the fed columns replace theirs.
         return_kv: also return the fed tokens' K/V (`ModelOutput.kv`) to build or extend a cache.
         """
         input_ids = check_tensor("input_ids", input_ids, ndim=2, floating=False)
         batch, length = input_ids.shape
+        if routing is not None and not isinstance(routing, RoutingContext):
+            raise ValueError(f"routing must be a RoutingContext or None, got {type(routing).__name__}")
         valid_BL = self._valid(attention_mask, batch, length)
         positions_BL = self._positions(position_ids, valid_BL, kv_cache, cache_start, batch, length, input_ids.device)
         blocks_L = self._blocks(block_ids, cache_start, length, input_ids.device)
@@ -229,7 +233,8 @@ class DiffusionTransformer(nn.Module):
                 mask_ratio = is_mask_BL.float().mean(1)
             else:
                 mask_ratio = (is_mask_BL & valid_BL).sum(1).float() / valid_BL.sum(1).clamp_min(1).float()
-        routing = dataclasses.replace(routing or RoutingContext(), valid=valid_BL, block_ids=block_ids)
+        user = routing or RoutingContext()
+        routed_valid, routed_blocks = valid_BL, block_ids
         if clean_input_ids is None:
             tokens_BL = input_ids
             block_causal = self.config.block_causal
@@ -237,9 +242,10 @@ class DiffusionTransformer(nn.Module):
         else:  # from here on L is 2L: [x_t ; x_0]
             if kv_cache is not None or return_kv:
                 raise ValueError("clean_input_ids (two-stream training forward) takes no kv_cache and no return_kv")
-            tokens_BL, positions_BL, mask_BLC, routing = self._two_streams(
-                input_ids, clean_input_ids, positions_BL, blocks_L, valid_BL, routing
+            tokens_BL, positions_BL, mask_BLC, routed_valid, routed_blocks = self._two_streams(
+                input_ids, clean_input_ids, positions_BL, blocks_L, valid_BL, block_ids, user
             )
+        routing = self._routing(user, routed_valid, routed_blocks, mask_ratio, tokens_BL)
         x = self.embed_tokens(tokens_BL)
         aux = x.new_zeros((), dtype=torch.float32)
         dispatches: list[Dispatch] = []
@@ -281,14 +287,18 @@ class DiffusionTransformer(nn.Module):
     ) -> Tensor:
         if position_ids is not None:
             positions = check_tensor("position_ids", position_ids, shape=(batch, length), floating=False).long()
+            low, high = positions.aminmax() if positions.numel() else (0, -1)  # a host read: given positions only
         elif valid_BL is not None and kv_cache is None:
             positions = (valid_BL.long().cumsum(1) - 1).clamp_min(0)
+            fits = length <= self.config.max_seq_len  # then the bound is known without reading the tensor
+            low, high = 0, length - 1 if fits else int(positions.max())
         else:
             positions = torch.arange(cache_start, cache_start + length, device=device).expand(batch, length)
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len):
+            low, high = cache_start, cache_start + length - 1
+        if length and (int(low) < 0 or int(high) >= self.config.max_seq_len):
             raise ValueError(
                 f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len}), got "
-                f"[{int(positions.min())}, {int(positions.max())}] (input length {length}, cache_start {cache_start})"
+                f"[{int(low)}, {int(high)}] (input length {length}, cache_start {cache_start})"
             )
         return positions
 
@@ -304,9 +314,11 @@ class DiffusionTransformer(nn.Module):
         positions_BL: Tensor,
         blocks_L: Tensor,
         valid_BL: Tensor | None,
+        block_ids: Tensor | None,
         routing: RoutingContext,
-    ) -> tuple[Tensor, Tensor, Tensor, RoutingContext]:
-        """Tokens, positions, mask [B, 2L, 2L] and routing context of the input [x_t ; x_0].
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Tokens, positions, mask [B, 2L, 2L], and the routed padding [B, 2L] and blocks [2L] of the
+        input [x_t ; x_0].
 
         Routing blocks stay inside one stream (x_0 ids shifted past x_t's), so with block routing
         a clean block is routed on its own, as when the sampler fed it finished."""
@@ -317,21 +329,39 @@ class DiffusionTransformer(nn.Module):
             )
         clean_BL = check_tensor("clean_input_ids", clean_input_ids, shape=tuple(noisy_BL.shape), floating=False)
         batch, length = noisy_BL.shape
-        routed_blocks = routing.block_ids
+        routed_blocks = block_ids
         block_config = self._block_routing(routing)
         if routed_blocks is None and block_config is not None:  # the router's default blocks, per stream
             routed_blocks = torch.arange(length, device=noisy_BL.device) // block_config.block_size
-        if routed_blocks is not None:
+            span = (length - 1) // block_config.block_size + 1 if length else 0
+        elif routed_blocks is not None:
             span = int(routed_blocks[-1] - routed_blocks[0]) + 1 if length else 0
+        if routed_blocks is not None:
             routed_blocks = torch.cat([routed_blocks, routed_blocks + span])
-        routing = dataclasses.replace(
-            routing,
-            valid=None if valid_BL is None else torch.cat([valid_BL, valid_BL], dim=1),
-            block_ids=routed_blocks,
-        )
+        routed_valid = None if valid_BL is None else torch.cat([valid_BL, valid_BL], dim=1)
         tokens = torch.cat([noisy_BL, clean_BL.to(noisy_BL.dtype)], dim=1)
         positions = torch.cat([positions_BL, positions_BL], dim=1)
-        return tokens, positions, two_stream_mask(blocks_L, valid_BL, batch), routing
+        return tokens, positions, two_stream_mask(blocks_L, valid_BL, batch), routed_valid, routed_blocks
+
+    def _routing(
+        self, user: RoutingContext, valid: Tensor | None, block_ids: Tensor | None, mask_ratio: Tensor, tokens: Tensor
+    ) -> RoutingContext:
+        """The context every MoE layer of this forward reads: checked once, its EC k and capacities
+        computed once (`plan_forward`: at most one host read)."""
+        routers = [layer.ffn.router for layer in self.layers if isinstance(layer.ffn, MoELayer)]
+        ec = [r for r in routers if isinstance(r, ExpertChoiceRouter)]
+        batch, length = tokens.shape
+        return plan_forward(
+            user,
+            valid=valid,
+            block_ids=block_ids,
+            batch=batch,
+            length=length,
+            device=tokens.device,
+            mask_ratio=mask_ratio,
+            router=routers[0].config if routers else None,
+            need_capacity=any(r.needs_capacity(user) for r in ec),
+        )
 
     def _block_routing(self, routing: RoutingContext) -> BlockRoutingConfig | None:
         if routing.block is not None:

@@ -12,9 +12,9 @@ F = D/2, and one [S, D] temporary fewer in forward and backward.
 
 Backends (all equal to `loop`, the reference, in forward and backward):
   loop        one matmul pair per expert (Python loop; reads counts back to the host)
-  bmm         dense [E, C, D] batched matmul; free when counts are equal (EC), else rows are
-              padded to the largest count (capacity-padded TC)
-  grouped_mm  torch grouped GEMM over ragged int32 offsets (dropless TC)
+  bmm         dense [E, C, D] batched matmul; free when counts are equal (EC, no host read), else
+              rows are padded to the largest count (capacity-padded TC; reads that count)
+  grouped_mm  torch grouped GEMM over ragged int32 offsets (dropless TC; no host read)
 bmm on equal counts and grouped_mm run the fused op of `swiglu_op` (hand-written backward).
   auto        bmm when counts are equal, grouped_mm otherwise (bmm when widths are not
               multiples of 8: grouped GEMM needs 16-byte-aligned row strides)
@@ -75,9 +75,11 @@ def swiglu_bmm(
     num_experts = w_gate_up_EHD.shape[0]
     if equal_counts:
         return gated_swiglu_experts(x_SD, w_gate_up_EHD, w_down_EDF, gate_S, None)
-    # pad: slot s of expert e goes to row (e, s − offset_e); padded rows get gate 0 and are dropped
+    # pad: slot s of expert e goes to row (e, s − offset_e); padded rows get gate 0 and are dropped.
+    # The padded shape needs the largest count on the host: the one read of this backend (EC takes
+    # the equal-counts branch above, with none)
     capacity = int(counts.max()) if counts.numel() else 0
-    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=x_SD.device), counts)
+    expert_S = torch.repeat_interleave(torch.arange(num_experts, device=x_SD.device), counts, output_size=x_SD.shape[0])
     starts_E = torch.cumsum(counts, 0) - counts
     row_S = expert_S * capacity + torch.arange(x_SD.shape[0], device=x_SD.device) - starts_E[expert_S]
     x_padded = x_SD.new_zeros(num_experts * capacity, x_SD.shape[-1]).index_copy(0, row_S, x_SD)

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from dlmoe._checks import check_float, check_int, check_tensor
+from dlmoe.routing.config import BlockRoutingConfig
 from dlmoe.routing.context import check_block_ids, check_valid
-from dlmoe.routing.dispatch import Dispatch, sorted_dispatch_from_topk
-from dlmoe.routing.token_choice import _check_tc_args, gate_scores, route_topk_scores
+from dlmoe.routing.dispatch import Dispatch, expert_counts, sorted_dispatch_from_topk
+from dlmoe.routing.token_choice import TopKRule, _check_tc_args, route_topk_scores, scaled_gates, weighted_z_loss
 
 
 def block_layout(length: int, block_size: int, block_ids: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
@@ -63,7 +64,7 @@ def sum_by_block(x_BLE: Tensor, block_L: Tensor, num_blocks: int, valid_BL: Tens
     if valid_BL is not None:
         x_BLE = x_BLE.masked_fill(~valid_BL.unsqueeze(-1), 0.0)
     prefix_BLE = torch.cat([x_BLE.new_zeros(batch, 1, num_experts), x_BLE.cumsum(1)], dim=1)  # [B, L+1, E]
-    ends_P = torch.bincount(block_L, minlength=num_blocks).cumsum(0)
+    ends_P = expert_counts(block_L, num_blocks).cumsum(0)  # positions per block (no host read)
     starts_P = torch.cat([ends_P.new_zeros(1), ends_P[:-1]])
     return prefix_BLE[:, ends_P] - prefix_BLE[:, starts_P]
 
@@ -147,7 +148,7 @@ def block_route(
     Returns:
         Dispatch with `coreset_mask` [B, P, E] and `block_index` [L] set (and `block_size` for the
         default blocks). A token whose allowed experts number fewer than k (guard < k, or groups)
-        gets only the allowed ones.
+        gets only the allowed ones. No router loss (`aux_loss` 0).
     """
     scores = check_tensor("scores", scores, ndim=3, floating=True)
     batch, length, num_experts = scores.shape
@@ -159,30 +160,54 @@ def block_route(
         check_valid(valid, batch, length, device=scores.device)
     if block_ids is not None:
         check_block_ids(block_ids, length, device=scores.device)
+    rule = TopKRule(
+        k, renormalize=renormalize, n_group=n_group, topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor, bias_in_gate=bias_in_gate,
+    )  # fmt: skip
+    block = BlockRoutingConfig(block_size=block_size, top_p=top_p, guard=guard)
+    return _block_route(scores, rule, block, block_ids=block_ids, valid=valid, expert_bias=expert_bias)
+
+
+def _block_route(
+    scores: Tensor,
+    rule: TopKRule,
+    block: BlockRoutingConfig,
+    *,
+    block_ids: Tensor | None = None,
+    valid: Tensor | None = None,
+    expert_bias: Tensor | None = None,
+    num_valid: int | None = None,
+    z_logits: Tensor | None = None,
+) -> Dispatch:
+    """`block_route` on checked arguments (`rule.score` unused: `scores` are given). With
+    `z_logits` [B, L, E] (training), `aux_loss` = rule.z_loss_coef · z-loss of the valid tokens."""
+    batch, length, num_experts = scores.shape
+    k = rule.k
+    assert block.guard <= num_experts, f"block.guard={block.guard} > {num_experts} experts (checked by the caller)"
     scores = scores.float()
-    block_size = min(block_size, length)
+    block_size = min(block.block_size, length)
     block_L, num_blocks = block_layout(length, block_size, block_ids, scores.device)
 
     # 1-3. votes and coreset per block
     choice_BLE = scores.detach() if expert_bias is None else scores.detach() + expert_bias.float()
-    coreset_BPE = top_p_coreset(normalised_votes(choice_BLE, k, block_L, num_blocks, valid), top_p, guard)
+    votes_BPE = normalised_votes(choice_BLE, k, block_L, num_blocks, valid)
+    coreset_BPE = top_p_coreset(votes_BPE, block.top_p, block.guard)
 
     # 4. each token's top-k inside its block's coreset
     allowed_NE = coreset_BPE[:, block_L].reshape(-1, num_experts)
     scores_NE = scores.reshape(-1, num_experts)
     expert_NK, valid_NK = route_topk_scores(
-        scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group, allowed_NE=allowed_NE
+        scores_NE, k, expert_bias=expert_bias, n_group=rule.n_group, topk_group=rule.topk_group, allowed_NE=allowed_NE
     )
-    gate_NK = gate_scores(scores_NE, expert_bias, bias_in_gate).gather(1, expert_NK) * valid_NK
-    if renormalize:
-        gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
-    if routed_scaling_factor != 1.0:
-        gate_NK = gate_NK * routed_scaling_factor
+    gate_NK = scaled_gates(scores_NE, expert_NK, rule, expert_bias, pick_NK=valid_NK)
     num_routed = batch * length
     if valid is not None:  # padding gets no slot
         valid_NK = valid_NK & valid.reshape(-1, 1)
-        num_routed = int(valid.sum())
+        num_routed = num_valid if num_valid is not None else int(valid.sum())
     token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(expert_NK, gate_NK, num_experts, valid_NK=valid_NK)
+    aux = scores.new_zeros(())
+    if z_logits is not None:
+        aux = aux + weighted_z_loss(z_logits.reshape(-1, num_experts).float(), rule.z_loss_coef, valid, num_routed)
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
@@ -191,7 +216,7 @@ def block_route(
         num_tokens=batch * length,
         batch_shape=(batch, length),
         num_requested_slots=num_routed * k,
-        aux_loss=scores.new_zeros(()),
+        aux_loss=aux,
         coreset_mask=coreset_BPE,
         block_size=block_size if block_ids is None else None,
         block_index=block_L,

@@ -29,19 +29,22 @@ from torch import Tensor
 
 from dlmoe._checks import check_choice, check_float, check_int
 from dlmoe.routing.block import block_layout, normalised_votes, top_p_coreset
+from dlmoe.routing.capacity import ec_capacity
+from dlmoe.routing.config import BlockRoutingConfig
 from dlmoe.routing.context import check_block_ids, check_valid
-from dlmoe.routing.dispatch import Dispatch
-from dlmoe.routing.expert_choice import GATES, SELECT, _check_k, ec_gates, ec_z_loss
+from dlmoe.routing.dispatch import Dispatch, expert_counts
+from dlmoe.routing.expert_choice import GATES, SELECT, ExpertChoiceRule, _check_k, ec_gates, ec_z_loss
 from dlmoe.routing.token_choice import check_logits
 
 
 def block_capacities(k_B: Tensor, valid_BL: Tensor, block_L: Tensor, coreset_BPE: Tensor) -> Tensor:
-    """[B, P] int64 C_{b,p} = min(max(⌊n·k_b/m⌋, 1), n): n valid tokens, m coreset experts of the block."""
+    """[B, P] int64 C_{b,p} = min(max(⌊n·k_b/m⌋, 1), n): n valid tokens, m coreset experts of the block
+    (`capacity.ec_capacity` with the coreset as the experts)."""
     batch, num_blocks, _ = coreset_BPE.shape
     n_BP = torch.zeros(batch, num_blocks, dtype=torch.int64, device=valid_BL.device)
     n_BP.index_add_(1, block_L, valid_BL.long())
     m_BP = coreset_BPE.sum(-1).clamp_min(1)
-    return torch.minimum(torch.clamp(n_BP * k_B.view(-1, 1) // m_BP, min=1), n_BP)
+    return ec_capacity(k_B.view(-1, 1), n_BP, m_BP)  # type: ignore[return-value]
 
 
 def rank_within_blocks(values_BLE: Tensor, block_L: Tensor, num_blocks: int) -> Tensor:
@@ -52,7 +55,7 @@ def rank_within_blocks(values_BLE: Tensor, block_L: Tensor, num_blocks: int) -> 
     """
     order_BEL = values_BLE.transpose(1, 2).argsort(dim=-1, descending=True, stable=True)
     order_BEL = order_BEL.gather(-1, block_L[order_BEL].argsort(dim=-1, stable=True))
-    sizes_P = torch.bincount(block_L, minlength=num_blocks)
+    sizes_P = expert_counts(block_L, num_blocks)  # positions per block (no host read)
     starts_P = sizes_P.cumsum(0) - sizes_P
     sorted_pos_L = torch.arange(block_L.numel(), device=block_L.device)
     rank_BEL = torch.empty_like(order_BEL)
@@ -103,20 +106,38 @@ def block_expert_choice(
         check_valid(valid, batch, length, device=logits.device)
     if block_ids is not None:
         check_block_ids(block_ids, length, device=logits.device)
+    rule = ExpertChoiceRule(select=select, gate=gate, z_loss_coef=z_loss_coef)
+    block = BlockRoutingConfig(block_size=block_size, top_p=top_p, guard=guard)
+    return _block_expert_choice(logits, k, rule, block, block_ids=block_ids, valid=valid)
+
+
+def _block_expert_choice(
+    logits: Tensor,
+    k: int | Tensor,
+    rule: ExpertChoiceRule,
+    block: BlockRoutingConfig,
+    *,
+    block_ids: Tensor | None = None,
+    valid: Tensor | None = None,
+    losses: bool = True,
+) -> Dispatch:
+    """`block_expert_choice` on checked arguments (`rule.pool` unused: the blocks are the pools)."""
+    batch, length, num_experts = logits.shape
     logits = logits.float()
     device = logits.device
-    block_size = min(block_size, length)
+    block_size = min(block.block_size, length)
     block_L, num_blocks = block_layout(length, block_size, block_ids, device)
     valid_BL = valid if valid is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
     k_B = k.long().to(device) if isinstance(k, Tensor) else torch.full((batch,), k, dtype=torch.int64, device=device)
 
     # 1-2. votes from the softmax scores, coreset per block
     probs_BLE = torch.softmax(logits.detach(), dim=-1)
-    coreset_BPE = top_p_coreset(normalised_votes(probs_BLE, k_B, block_L, num_blocks, valid), top_p, guard)
+    votes_BPE = normalised_votes(probs_BLE, k_B if isinstance(k, Tensor) else k, block_L, num_blocks, valid)
+    coreset_BPE = top_p_coreset(votes_BPE, block.top_p, block.guard)
 
     # 3-4. inside each block, every coreset expert takes its top-C valid tokens
     capacity_BP = block_capacities(k_B, valid_BL, block_L, coreset_BPE)
-    rank_BLE = logits.detach() if select == "logit" else probs_BLE
+    rank_BLE = logits.detach() if rule.select == "logit" else probs_BLE
     rank_BLE = rank_within_blocks(rank_BLE.masked_fill(~valid_BL.unsqueeze(-1), float("-inf")), block_L, num_blocks)
     chosen_BLE = (rank_BLE < capacity_BP[:, block_L].unsqueeze(-1)) & coreset_BPE[:, block_L] & valid_BL.unsqueeze(-1)
 
@@ -127,12 +148,12 @@ def block_expert_choice(
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
-        gate=ec_gates(logits_NE, token_S, expert_S, gate),
+        gate=ec_gates(logits_NE, token_S, expert_S, rule.gate),
         counts=chosen_EN.sum(1),
         num_tokens=batch * length,
         batch_shape=(batch, length),
         num_requested_slots=token_S.numel(),
-        aux_loss=ec_z_loss(logits_NE, z_loss_coef, valid),
+        aux_loss=ec_z_loss(logits_NE, rule.z_loss_coef if losses else 0.0, valid),
         equal_counts=False,
         coreset_mask=coreset_BPE,
         block_size=block_size if block_ids is None else None,

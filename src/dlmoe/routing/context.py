@@ -3,7 +3,9 @@
 At inference a sampler runs left-padded batches, decodes in blocks, and may want a different
 expert-choice capacity than training used. None of that belongs to the router's config: it
 changes from one forward to the next. A context is built once per forward, shared by every MoE
-layer; its intrinsic checks run once, here, and each router checks it against its own input.
+layer; its intrinsic checks run once, here. The model's forward checks it against the input once
+and attaches a `ForwardPlan` (`dlmoe.routing.plan`: what every layer would otherwise recompute);
+a router given a context without a plan (called on its own) checks it against its input itself.
 
 Letters: B batch, L length, E experts.
 """
@@ -19,7 +21,8 @@ from torch import Tensor
 from dlmoe._checks import check_tensor
 
 if TYPE_CHECKING:
-    from dlmoe.config import BlockRoutingConfig
+    from dlmoe.routing.config import BlockRoutingConfig
+    from dlmoe.routing.plan import ForwardPlan
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,19 @@ class RoutingContext:
         experts_per_token: [B] int64 in [1, E]: expert-choice k per row for this forward (an
             inference capacity policy); overrides the static k and the mask-ratio schedule.
             A token-choice router refuses it.
+        plan: set by the model's forward (`dlmoe.routing.plan.plan_forward`) once it has checked
+            the context against its input; leave it None.
     """
 
     valid: Tensor | None = None
     block_ids: Tensor | None = None
     block: BlockRoutingConfig | None = None
     experts_per_token: Tensor | None = None
+    plan: ForwardPlan | None = None
 
     def __post_init__(self) -> None:
+        if self.plan is not None:  # built by plan_forward from a context already checked
+            return
         if self.valid is not None:
             check_valid(self.valid, None, None, name="context.valid")
         if self.block_ids is not None:
@@ -63,10 +71,15 @@ class RoutingContext:
         if self.block_ids is not None:
             check_tensor("context.block_ids", self.block_ids, shape=(length,))
             _check_device("context.block_ids", self.block_ids, device)
-        if self.experts_per_token is not None:
-            check_tensor("context.experts_per_token", self.experts_per_token, shape=(batch,))
-            _check_device("context.experts_per_token", self.experts_per_token, device)
+        check_experts_per_token(self.experts_per_token, batch, device)
         return self
+
+
+def check_experts_per_token(k_B: Tensor | None, batch: int, device: torch.device) -> None:
+    """`context.experts_per_token` (if any) must be [B] on the routed input's device."""
+    if k_B is not None:
+        check_tensor("context.experts_per_token", k_B, shape=(batch,))
+        _check_device("context.experts_per_token", k_B, device)
 
 
 def check_valid(
@@ -98,4 +111,4 @@ def _check_device(name: str, value: Tensor, device: torch.device | None) -> None
         raise ValueError(f"{name} must be on the routed input's device {device}, got {value.device}")
 
 
-__all__ = ["RoutingContext", "check_block_ids", "check_valid"]
+__all__ = ["RoutingContext", "check_block_ids", "check_experts_per_token", "check_valid"]

@@ -131,7 +131,7 @@ class Dispatch:
     def slots_per_row(self) -> Tensor:
         """[B] int64: slots whose token lies in each row (the row's routed compute)."""
         batch, length = self.batch_shape
-        return torch.bincount(self.token_index // length, minlength=batch)
+        return expert_counts(self.token_index // length, batch)  # counts per row: the same index_add
 
     def stats(self, block_size: int | None = None) -> RoutingStats:
         """Compute load-balance and coverage statistics (syncs with the device).
@@ -212,17 +212,28 @@ def unique_experts_per_block(dispatch: Dispatch, block_size: int | None = None) 
     return used.view(batch, num_blocks, num_experts).sum(-1)
 
 
+def expert_counts(expert_index: Tensor, num_experts: int, keep: Tensor | None = None) -> Tensor:
+    """[E] int64: slots per expert (only the `keep` ones): index_add, no host sync (bincount reads
+    the largest index back to size its output)."""
+    expert_S = expert_index.reshape(-1)
+    ones_S = torch.ones_like(expert_S) if keep is None else keep.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=expert_S.device).index_add_(0, expert_S, ones_S)
+
+
 def sorted_dispatch_from_topk(
     expert_index_NK: Tensor,
     gate_NK: Tensor,
     num_experts: int,
     *,
     valid_NK: Tensor | None = None,
+    num_slots: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Flatten token-major top-k choices into expert-sorted slots.
 
     Returns (token_index [S], expert_index [S], gate [S], counts [E]); invalid picks are dropped.
     Within an expert, slots keep token order (stable sort), which makes results deterministic.
+    `num_slots`: how many picks are valid, when the caller knows it: the invalid ones are sorted
+    last and cut off, with no host sync (else they are filtered out, which reads their count).
     """
     num_tokens, k = expert_index_NK.shape
     device = expert_index_NK.device
@@ -230,9 +241,14 @@ def sorted_dispatch_from_topk(
     expert_S = expert_index_NK.reshape(-1)
     token_S = token_NK.reshape(-1)
     gate_S = gate_NK.reshape(-1)
-    if valid_NK is not None:
+    counts = expert_counts(expert_S, num_experts, valid_NK)
+    if valid_NK is None:
+        order = torch.argsort(expert_S, stable=True)
+    elif num_slots is None:
         keep = valid_NK.reshape(-1)
         expert_S, token_S, gate_S = expert_S[keep], token_S[keep], gate_S[keep]
-    order = torch.argsort(expert_S, stable=True)
-    counts = torch.bincount(expert_S, minlength=num_experts)
+        order = torch.argsort(expert_S, stable=True)
+    else:  # the same order: valid picks by (expert, position), then the invalid ones
+        dropped_S = (~valid_NK.reshape(-1)).long()
+        order = torch.argsort(expert_S + num_experts * dropped_S, stable=True)[:num_slots]
     return token_S[order], expert_S[order], gate_S[order], counts

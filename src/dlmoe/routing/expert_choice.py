@@ -16,15 +16,17 @@ Letters: B batch, L length, N = B·L tokens, E experts, C capacity, S slots.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from dlmoe._checks import check_choice, check_float, check_int, check_tensor
+from dlmoe.routing.capacity import PoolCapacity, capacity_for_budget, pool_capacity
 from dlmoe.routing.context import check_valid
 from dlmoe.routing.dispatch import Dispatch
-from dlmoe.routing.token_choice import check_logits, z_loss
+from dlmoe.routing.token_choice import check_logits, weighted_z_loss
 from dlmoe.vocab import GATES, POOLS, SELECT
 
 _MASKED = -1e30  # finite "minus infinity": keeps softmax rows with no chosen expert NaN-free
@@ -42,19 +44,26 @@ def _check_k(k: int | Tensor, batch: int, num_experts: int) -> int | Tensor:
 def ec_capacities(
     k: int | Tensor, batch: int, length: int, num_experts: int, pool: str, valid: Tensor | None = None
 ) -> tuple[Tensor, int]:
-    """Capacity of each pool and the largest one.
+    """Capacity of each pool and the largest one (`capacity.ec_capacity` per pool).
 
     C_p = min(max(⌊n_p·k/E⌋, 1), n_p) with n_p the valid tokens of the pool (0 for an empty pool);
     "sequence": one pool per row with its own k_b; "batch": one pool, n·k summed over the rows.
     Returns (capacity_P int64, max capacity) with P = B pools for "sequence" and P = 1 for "batch".
     """
-    k_B = torch.as_tensor(k, dtype=torch.int64).expand(batch) if not isinstance(k, Tensor) else k.long()
-    n_B = torch.full_like(k_B, length) if valid is None else valid.sum(1).to(k_B.device)
-    budget_B = n_B * k_B
-    if pool == "batch":  # one pool of all N tokens; per-sample k adds up to the pool's budget
-        n_B, budget_B = n_B.sum(0, keepdim=True), budget_B.sum(0, keepdim=True)
-    cap = torch.minimum(torch.clamp(budget_B // num_experts, min=1), n_B)
-    return cap, int(cap.max())
+    device = valid.device if valid is not None else k.device if isinstance(k, Tensor) else torch.device("cpu")
+    capacity = pool_capacity(k, batch, length, num_experts, pool, valid, device)
+    return capacity.per_pool, capacity.max
+
+
+@dataclass(frozen=True)
+class ExpertChoiceRule:
+    """Which tokens an expert ranks and how it weights them: the part of `ExpertChoiceConfig` the
+    functional router reads (a router builds it once, `rule_of(ExpertChoiceRule, config)`)."""
+
+    pool: str = "sequence"
+    select: str = "logit"
+    gate: str = "restricted"
+    z_loss_coef: float = 0.0
 
 
 def expert_choice(
@@ -98,33 +107,49 @@ def expert_choice(
     check_float("z_loss_coef", z_loss_coef, low=0.0)
     if valid is not None:
         check_valid(valid, batch, length, device=logits.device)
+    return _expert_choice(logits, k, ExpertChoiceRule(pool, select, gate, z_loss_coef), valid=valid)
+
+
+def _expert_choice(
+    logits: Tensor,
+    k: int | Tensor,
+    rule: ExpertChoiceRule,
+    *,
+    valid: Tensor | None = None,
+    capacity: PoolCapacity | None = None,
+    losses: bool = True,
+) -> Dispatch:
+    """`expert_choice` on checked arguments. `capacity`: this forward's pool capacities when the
+    caller computed them (a model, once per forward), else computed here (a host read where k is
+    per sample or tokens are padded). `losses=False` leaves the z-loss out (eval)."""
+    batch, length, num_experts = logits.shape
     logits = logits.float()
     num_tokens = batch * length
+    if capacity is None:
+        capacity = pool_capacity(k, batch, length, num_experts, rule.pool, valid, logits.device)
+    assert capacity.per_pool.numel() == (batch if rule.pool == "sequence" else 1), "capacities of other pools"
 
     # 1. each expert ranks the tokens of its pool (padding last: never within capacity); [P, E, pool_len]
-    rank_BLE = logits.detach() if select == "logit" else torch.softmax(logits.detach(), dim=-1)
+    rank_BLE = logits.detach() if rule.select == "logit" else torch.softmax(logits.detach(), dim=-1)
     if valid is not None:
         rank_BLE = rank_BLE.masked_fill(~valid.unsqueeze(-1), float("-inf"))
-    pool_len = length if pool == "sequence" else num_tokens
+    pool_len = length if rule.pool == "sequence" else num_tokens
     rank_PEL = rank_BLE.reshape(-1, pool_len, num_experts).transpose(1, 2)  # [P, E, pool_len]
-    capacity_P, max_cap = ec_capacities(k, batch, length, num_experts, pool, valid)
-    pos_PEC = rank_PEL.topk(max_cap, dim=-1, sorted=True).indices
+    pos_PEC = rank_PEL.topk(capacity.max, dim=-1, sorted=True).indices
 
     # 2. expert-major slots: [E, P, C] flattened; drop slots beyond a pool's own capacity
     pool_offset_P = torch.arange(pos_PEC.shape[0], device=logits.device) * pool_len
     token_EPC = (pos_PEC + pool_offset_P[:, None, None]).permute(1, 0, 2)
-    if bool((capacity_P == max_cap).all()):
+    if capacity.uniform:
         token_S = token_EPC.reshape(-1)
-        per_expert = pos_PEC.shape[0] * max_cap
     else:
-        keep_PC = torch.arange(max_cap, device=logits.device) < capacity_P[:, None]
-        token_S = token_EPC[keep_PC.unsqueeze(0).expand_as(token_EPC)]
-        per_expert = int(keep_PC.sum())
-    expert_S = torch.arange(num_experts, device=logits.device).repeat_interleave(per_expert)
+        token_S = token_EPC.reshape(num_experts, -1)[:, capacity.kept_slots()].reshape(-1)
+    per_expert = capacity.total
+    expert_S = torch.arange(num_experts, device=logits.device).unsqueeze(1).expand(-1, per_expert).reshape(-1)
 
     # 3. gates: softmax over the experts that chose each token (or the full softmax)
     logits_NE = logits.reshape(num_tokens, num_experts)
-    gate_S = ec_gates(logits_NE, token_S, expert_S, gate)
+    gate_S = ec_gates(logits_NE, token_S, expert_S, rule.gate)
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
@@ -133,7 +158,7 @@ def expert_choice(
         num_tokens=num_tokens,
         batch_shape=(batch, length),
         num_requested_slots=num_experts * per_expert,
-        aux_loss=ec_z_loss(logits_NE, z_loss_coef, valid),
+        aux_loss=ec_z_loss(logits_NE, rule.z_loss_coef if losses else 0.0, valid),
         equal_counts=True,
         valid=valid,
     )
@@ -176,6 +201,21 @@ def expert_choice_pooled(
     check_choice("gate", gate, GATES)
     if valid is not None:
         check_valid(valid, batch, length, device=logits.device)
+    rule = ExpertChoiceRule("batch", select, gate, z_loss_coef)
+    return _expert_choice_pooled(logits, k, token_pool, rule, valid=valid)
+
+
+def _expert_choice_pooled(
+    logits: Tensor,
+    k: int | Tensor,
+    token_pool: TokenPool,
+    rule: ExpertChoiceRule,
+    *,
+    valid: Tensor | None = None,
+    losses: bool = True,
+) -> Dispatch:
+    """`expert_choice_pooled` on checked arguments (two gathers over the pool: they sync)."""
+    batch, length, num_experts = logits.shape
     logits = logits.float()
     num_tokens = batch * length
 
@@ -190,10 +230,10 @@ def expert_choice_pooled(
             f"{facts_M4[:, 2:].tolist()} (use parallel.ec_pool='local' for uneven batches)"
         )
     budget, n_total = facts_M4[:, :2].sum(0).tolist()
-    capacity = min(max(budget // num_experts, 1), n_total)
+    capacity = capacity_for_budget(budget, n_total, num_experts)
 
     # 2. every expert ranks the pooled tokens; keep the picks that are this member's tokens
-    rank_NE = logits.detach() if select == "logit" else torch.softmax(logits.detach(), dim=-1)
+    rank_NE = logits.detach() if rule.select == "logit" else torch.softmax(logits.detach(), dim=-1)
     rank_NE = rank_NE.reshape(num_tokens, num_experts)
     if valid is not None:
         rank_NE = rank_NE.masked_fill(~valid.reshape(-1, 1), float("-inf"))
@@ -202,18 +242,19 @@ def expert_choice_pooled(
     mine_EC = (pos_EC >= first) & (pos_EC < first + num_tokens)
     counts_E = mine_EC.sum(1)
     token_S = pos_EC[mine_EC] - first  # row-major over experts: sorted by expert
-    expert_S = torch.arange(num_experts, device=logits.device).repeat_interleave(counts_E)
+    num_slots = token_S.numel()
+    expert_S = torch.arange(num_experts, device=logits.device).repeat_interleave(counts_E, output_size=num_slots)
 
     logits_NE = logits.reshape(num_tokens, num_experts)
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
-        gate=ec_gates(logits_NE, token_S, expert_S, gate),
+        gate=ec_gates(logits_NE, token_S, expert_S, rule.gate),
         counts=counts_E,
         num_tokens=num_tokens,
         batch_shape=(batch, length),
-        num_requested_slots=int(counts_E.sum()),
-        aux_loss=ec_z_loss(logits_NE, z_loss_coef, valid),
+        num_requested_slots=num_slots,
+        aux_loss=ec_z_loss(logits_NE, rule.z_loss_coef if losses else 0.0, valid),
         equal_counts=False,
         valid=valid,
     )
@@ -221,12 +262,7 @@ def expert_choice_pooled(
 
 def ec_z_loss(logits_NE: Tensor, z_loss_coef: float, valid: Tensor | None) -> Tensor:
     """z_loss_coef · z-loss over the valid tokens (0 when the coefficient is 0 or nothing is valid)."""
-    aux = logits_NE.new_zeros(())
-    if z_loss_coef > 0:
-        routed_NE = logits_NE if valid is None else logits_NE[valid.reshape(-1)]
-        if routed_NE.shape[0] > 0:
-            aux = aux + z_loss_coef * z_loss(routed_NE)
-    return aux
+    return weighted_z_loss(logits_NE, z_loss_coef, valid)
 
 
 def ec_gates(logits_NE: Tensor, token_S: Tensor, expert_S: Tensor, gate: str) -> Tensor:

@@ -5,9 +5,10 @@ of experts per token for that sequence is
 
     k_b = clamp(round(k_min + (k_max − k_min) · s(r_b)), k_min, k_max)      (round half to even, in float32)
 
-and its EC capacity is C_b = max(⌊L·k_b/E⌋, 1). With r ~ U(0, 1) every built-in schedule except
-"bell" has E[s] = ½, so k ∈ [8, 32] matches a static k = 20 in expected FLOPs. `expected_k`
-computes that expectation exactly (rounding included) so a FLOPs match can be checked, not assumed.
+and its EC capacity is C_b = max(⌊L·k_b/E⌋, 1) (`dlmoe.routing.capacity`). With r ~ U(0, 1) every
+built-in schedule except "bell" has E[s] = ½, so k ∈ [8, 32] matches a static k = 20 in expected
+FLOPs. `expected_k` computes that expectation exactly (rounding included) so a FLOPs match can be
+checked, not assumed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from dlmoe import vocab
 from dlmoe._checks import check_float, check_int, check_tensor
+from dlmoe.routing.capacity import ec_capacity as _ec_capacity
 
 ScheduleFn = Callable[[Tensor], Tensor]
 DEFAULT_SIGMA = 0.22  # makes ∫₀¹ g(r) dr ≈ ½, i.e. FLOPs-matched with the other schedules
@@ -93,10 +95,16 @@ def dynamic_k(
         [B] int64 in [k_min, k_max].
     """
     _check_k_range(k_min, k_max)
-    check_tensor("r (mask ratio)", r, ndim=1, floating=True)
+    check_mask_ratio(r)
+    return _round_k(r, schedule, k_min, k_max, sigma).to(torch.int64)
+
+
+def check_mask_ratio(r: object) -> Tensor:
+    """`r` must be a [B] float tensor in [0, 1] (reads a flag from the device)."""
+    r = check_tensor("r (mask ratio)", r, ndim=1, floating=True)
     if bool(((r < 0) | (r > 1) | torch.isnan(r)).any()):
         raise ValueError(f"r (mask ratio) must lie in [0, 1], got min {r.min().item()}, max {r.max().item()}")
-    return _round_k(r, schedule, k_min, k_max, sigma).to(torch.int64)
+    return r
 
 
 def _round_k(r: Tensor, schedule: str | ScheduleFn, k_min: int, k_max: int, sigma: float) -> Tensor:
@@ -113,9 +121,8 @@ def _round_k(r: Tensor, schedule: str | ScheduleFn, k_min: int, k_max: int, sigm
 
 
 def ec_capacity(k: Tensor | int, seq_len: int, num_experts: int) -> Tensor:
-    """EC capacity per sequence, C = max(⌊L·k/E⌋, 1), elementwise over k."""
-    k_t = torch.as_tensor(k, dtype=torch.int64)
-    return torch.clamp((seq_len * k_t) // num_experts, min=1)
+    """EC capacity per sequence, C = min(max(⌊L·k/E⌋, 1), L), elementwise over k (`capacity.ec_capacity`)."""
+    return _ec_capacity(torch.as_tensor(k, dtype=torch.int64), seq_len, num_experts)  # type: ignore[return-value]
 
 
 def _ratio_grid(seq_len: int | None, num_points: int) -> tuple[Tensor, Tensor]:

@@ -11,19 +11,24 @@ Letters: B batch, L length, N = B·L tokens, E experts, K top-k, G groups, S slo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dlmoe._checks import check_choice, check_float, check_int, check_tensor
 from dlmoe.routing.context import check_valid
-from dlmoe.routing.dispatch import Dispatch, sorted_dispatch_from_topk
+from dlmoe.routing.dispatch import Dispatch, expert_counts, sorted_dispatch_from_topk
 from dlmoe.vocab import SCORE_FUNCTIONS
 
 
 def router_scores(logits: Tensor, score: str) -> Tensor:
     """Routing scores in fp32: softmax over experts or elementwise sigmoid."""
     check_choice("score", score, SCORE_FUNCTIONS)
+    return _scores(logits, score)
+
+
+def _scores(logits: Tensor, score: str) -> Tensor:
     logits = logits.float()
     return torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
 
@@ -100,6 +105,23 @@ def check_logits(logits: object, name: str = "logits") -> Tensor:
     return logits
 
 
+@dataclass(frozen=True)
+class TopKRule:
+    """How each token picks and weights its k experts: the part of `TokenChoiceConfig` the
+    functional router reads (a router builds it once, `rule_of(TopKRule, config)`)."""
+
+    k: int
+    score: str = "softmax"
+    renormalize: bool = True
+    capacity_factor: float | None = None
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    bias_in_gate: bool = False
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+
 def token_choice(
     logits: Tensor,
     k: int,
@@ -141,48 +163,68 @@ def token_choice(
     logits = check_logits(logits)
     batch, length, num_experts = logits.shape
     _check_tc_args(num_experts, k, capacity_factor, expert_bias, n_group, topk_group, routed_scaling_factor)
+    check_choice("score", score, SCORE_FUNCTIONS)
     check_float("aux_loss_coef", aux_loss_coef, low=0.0)
     check_float("z_loss_coef", z_loss_coef, low=0.0)
     if valid is not None:
         check_valid(valid, batch, length, device=logits.device)
+    rule = TopKRule(
+        k, score, renormalize, capacity_factor, n_group, topk_group, routed_scaling_factor, bias_in_gate,
+        aux_loss_coef, z_loss_coef,
+    )  # fmt: skip
+    return _token_choice(logits, rule, expert_bias=expert_bias, valid=valid)
+
+
+def _token_choice(
+    logits: Tensor,
+    rule: TopKRule,
+    *,
+    expert_bias: Tensor | None = None,
+    valid: Tensor | None = None,
+    losses: bool = True,
+    num_valid: int | None = None,
+) -> Dispatch:
+    """`token_choice` on checked arguments. `losses=False` leaves the router losses out (eval);
+    `num_valid`: the valid tokens' count when the caller knows it (else read from `valid`, a sync)."""
+    batch, length, num_experts = logits.shape
+    k = rule.k
+    assert 1 <= k <= num_experts, f"the router's rule has k={k} for {num_experts} experts"
     logits_NE = logits.reshape(-1, num_experts).float()
     num_tokens = logits_NE.shape[0]
     valid_N = None if valid is None else valid.reshape(-1)
-    num_routed = num_tokens if valid_N is None else int(valid_N.sum())
+    num_routed = num_tokens if valid_N is None else num_valid if num_valid is not None else int(valid_N.sum())
 
     # 1. scores; experts picked on the (possibly biased, group-limited) scores
-    scores_NE = router_scores(logits_NE, score)
-    expert_NK, _ = route_topk_scores(scores_NE, k, expert_bias=expert_bias, n_group=n_group, topk_group=topk_group)
+    scores_NE = _scores(logits_NE, rule.score)
+    expert_NK, _ = route_topk_scores(
+        scores_NE, k, expert_bias=expert_bias, n_group=rule.n_group, topk_group=rule.topk_group
+    )
 
     # 2. gates from the unbiased scores (biased: LLaDA-MoE)
-    gate_NK = gate_scores(scores_NE, expert_bias, bias_in_gate).gather(1, expert_NK)
-    if renormalize:
-        gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
-    if routed_scaling_factor != 1.0:
-        gate_NK = gate_NK * routed_scaling_factor
+    gate_NK = scaled_gates(scores_NE, expert_NK, rule, expert_bias)
 
     # 3. router losses over the routed tokens, from counts before any drop
-    routed_NK = expert_NK if valid_N is None else expert_NK[valid_N]
-    tokens_per_expert = torch.bincount(routed_NK.reshape(-1), minlength=num_experts)
+    keep_NK = None if valid_N is None else valid_N.unsqueeze(1).expand_as(expert_NK)
+    tokens_per_expert = expert_counts(expert_NK, num_experts, keep_NK)
     aux = logits_NE.new_zeros(())
-    if num_routed > 0 and (aux_loss_coef > 0 or z_loss_coef > 0):
-        routed_logits_NE, probs_NE = logits_NE, scores_NE
-        if valid_N is not None:
-            routed_logits_NE, probs_NE = logits_NE[valid_N], scores_NE[valid_N]
-        if aux_loss_coef > 0:
-            probs_NE = probs_NE if score == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True)
-            aux = aux + aux_loss_coef * switch_aux_loss(probs_NE, tokens_per_expert, k)
-        if z_loss_coef > 0:
-            aux = aux + z_loss_coef * z_loss(routed_logits_NE)
+    aux_loss_coef, z_loss_coef = (rule.aux_loss_coef, rule.z_loss_coef) if losses else (0.0, 0.0)
+    if num_routed > 0 and aux_loss_coef > 0:
+        probs_NE = scores_NE if valid_N is None else scores_NE[valid_N]
+        probs_NE = probs_NE if rule.score == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True)
+        aux = aux + aux_loss_coef * switch_aux_loss(probs_NE, tokens_per_expert, k)
+    aux = aux + weighted_z_loss(logits_NE, z_loss_coef, valid, num_routed)
 
     # 4. slots sorted by expert, with capacity dropping; padding takes no slot and no capacity
-    keep_NK = None if valid_N is None else valid_N.unsqueeze(1).expand_as(expert_NK)
-    if capacity_factor is not None:
-        capacity = math.ceil(num_routed * k / num_experts * capacity_factor)
+    num_slots = num_routed * k
+    if rule.capacity_factor is not None:
+        capacity = math.ceil(num_routed * k / num_experts * rule.capacity_factor)
         rank_NK = gate_NK.detach() if keep_NK is None else gate_NK.detach().masked_fill(~keep_NK, float("-inf"))
         fits_NK = _keep_top_capacity(expert_NK, rank_NK, num_experts, capacity)
         keep_NK = fits_NK if keep_NK is None else fits_NK & keep_NK
-    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(expert_NK, gate_NK, num_experts, valid_NK=keep_NK)
+        num_slots = None  # how many fit is read back from the device
+    token_S, expert_S, gate_S, counts = sorted_dispatch_from_topk(
+        expert_NK, gate_NK, num_experts, valid_NK=keep_NK, num_slots=num_slots
+    )
     return Dispatch(
         token_index=token_S,
         expert_index=expert_S,
@@ -198,6 +240,34 @@ def token_choice(
     )
 
 
+def scaled_gates(
+    scores_NE: Tensor, expert_NK: Tensor, rule: TopKRule, expert_bias: Tensor | None, pick_NK: Tensor | None = None
+) -> Tensor:
+    """[N, K] gates of the chosen experts: (biased with `bias_in_gate`) scores, renormalised, scaled;
+    `pick_NK` False zeroes a pick before the renormalisation (block routing: outside the coreset)."""
+    gate_NK = gate_scores(scores_NE, expert_bias, rule.bias_in_gate).gather(1, expert_NK)
+    if pick_NK is not None:
+        gate_NK = gate_NK * pick_NK
+    if rule.renormalize:
+        gate_NK = gate_NK / (gate_NK.sum(-1, keepdim=True) + 1e-20)
+    if rule.routed_scaling_factor != 1.0:
+        gate_NK = gate_NK * rule.routed_scaling_factor
+    return gate_NK
+
+
+def weighted_z_loss(
+    logits_NE: Tensor, z_loss_coef: float, valid: Tensor | None, num_routed: int | None = None
+) -> Tensor:
+    """z_loss_coef · z-loss over the valid tokens (0 when the coefficient is 0 or nothing is valid);
+    `num_routed`: the valid tokens' count when known (skips a read of `valid`)."""
+    aux = logits_NE.new_zeros(())
+    if z_loss_coef > 0 and num_routed != 0:
+        routed_NE = logits_NE if valid is None else logits_NE[valid.reshape(-1)]
+        if routed_NE.shape[0] > 0:
+            aux = aux + z_loss_coef * z_loss(routed_NE)
+    return aux
+
+
 def gate_scores(scores_NE: Tensor, expert_bias: Tensor | None, bias_in_gate: bool) -> Tensor:
     """The scores gates are read from: s, or s + b with `bias_in_gate` (LLaDA-MoE). Shared with block routing."""
     return scores_NE + expert_bias.float() if bias_in_gate and expert_bias is not None else scores_NE
@@ -208,7 +278,7 @@ def _keep_top_capacity(expert_NK: Tensor, gate_NK: Tensor, num_experts: int, cap
     expert_S = expert_NK.reshape(-1)
     by_gate = torch.argsort(gate_NK.reshape(-1), descending=True, stable=True)
     order = by_gate[torch.argsort(expert_S[by_gate], stable=True)]  # expert asc, gate desc
-    counts = torch.bincount(expert_S, minlength=num_experts)
+    counts = expert_counts(expert_S, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(expert_S.numel(), device=expert_S.device) - starts[expert_S[order]]
     keep_S = torch.empty_like(expert_S, dtype=torch.bool)
@@ -246,10 +316,12 @@ def route_topk_scores(
 
 __all__ = [
     "SCORE_FUNCTIONS",
+    "TopKRule",
     "group_limited_mask",
     "route_topk_scores",
     "router_scores",
     "switch_aux_loss",
     "token_choice",
+    "weighted_z_loss",
     "z_loss",
 ]

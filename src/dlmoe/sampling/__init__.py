@@ -1,8 +1,12 @@
 """Sampling from masked diffusion LMs: LLaDA blocks, Fast-dLLM threshold and KV caches, CFG,
-left-padded batches, dMoE block routing and expert-choice capacity policies at inference."""
+left-padded batches, dMoE block routing and expert-choice capacity policies at inference.
+
+`generate(model, prompt_ids, SamplerConfig(...))`. `dlmoe.config` imports this package (a run's
+`sample` section is a `SamplerConfig`), so no module here imports `dlmoe.config` or `dlmoe.model`
+at import time (types under TYPE_CHECKING, the model's helpers inside functions)."""
 
 from dlmoe.sampling.canvas import Canvas, build_canvas
-from dlmoe.sampling.denoiser import CapacityPolicy
+from dlmoe.sampling.config import CapacityPolicy, SamplerConfig
 from dlmoe.sampling.generate import GenerationResult, StepInfo, generate
 from dlmoe.sampling.rules import (
     REMASKING_RULES,
@@ -24,6 +28,7 @@ __all__ = [
     "CapacityPolicy",
     "GenerationResult",
     "GenerationStats",
+    "SamplerConfig",
     "StepInfo",
     "build_canvas",
     "commit_schedule",

@@ -22,42 +22,22 @@ Letters: B batch, R = B or 2B model rows, L canvas length, W block length, V voc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from dlmoe._checks import check_int
-from dlmoe.config import BlockRoutingConfig, ModelConfig
-from dlmoe.model.flops import forward_flops
-from dlmoe.model.kv_cache import KVCache
+from dlmoe.routing.config import BlockRoutingConfig
 from dlmoe.routing.context import RoutingContext
-from dlmoe.routing.schedules import DEFAULT_SIGMA, SCHEDULE_NAMES, dynamic_k, validate_schedule
 from dlmoe.sampling.canvas import Canvas
+from dlmoe.sampling.config import CapacityPolicy
 from dlmoe.sampling.stats import StatsRecorder
 
+if TYPE_CHECKING:  # dlmoe.config imports dlmoe.sampling: no dlmoe.config / dlmoe.model import at import time
+    from dlmoe.config import ModelConfig
+    from dlmoe.model.kv_cache import KVCache
 
-@dataclass(frozen=True)
-class CapacityPolicy:
-    """Expert-choice compute as a policy over the denoising steps: each forward uses
-    k_b = dynamic_k(r_b) = k_min + (k_max − k_min)·s(r_b) experts per token (rounded), with r_b the
-    fraction of row b's generation still masked (1 at the first step, → 0 at the last) and s one
-    of the capacity schedules (`dlmoe.routing.schedules`)."""
-
-    schedule: str
-    k_min: int
-    k_max: int
-    sigma: float = DEFAULT_SIGMA
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULE_NAMES:
-            raise ValueError(f"capacity schedule must be one of {list(SCHEDULE_NAMES)}, got {self.schedule!r}")
-        validate_schedule(self.schedule, self.sigma)
-        check_int("capacity.k_min", self.k_min, low=1)
-        check_int("capacity.k_max", self.k_max, low=self.k_min)
-
-    def experts_per_token(self, remaining_B: Tensor) -> Tensor:
-        return dynamic_k(remaining_B.float(), self.schedule, self.k_min, self.k_max, sigma=self.sigma).long()
+__all__ = ["CapacityPolicy", "Denoiser", "unwrap_model"]  # CapacityPolicy lives in dlmoe.sampling.config
 
 
 def unwrap_model(model: object) -> nn.Module | None:
@@ -157,6 +137,8 @@ class Denoiser:
     def _model_forward(
         self, x_RL: Tensor, fed_start: int, fed_end: int, use_cache: bool, keep_kv: bool, start: int, end: int
     ) -> object:
+        from dlmoe.model.flops import forward_flops
+
         canvas = self.canvas
         rows = x_RL.shape[0]
         fed = slice(fed_start, fed_end)

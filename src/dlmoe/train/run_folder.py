@@ -21,10 +21,13 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlmoe.config import RunConfig
 from dlmoe.config_io import run_config_to_dict
+
+if TYPE_CHECKING:
+    from dlmoe.precision import Precision
 
 LOCK_FILE = ".lock"
 # what a run writes into its folder (run.json: resolved precision and the hardware it ran on)
@@ -158,3 +161,38 @@ def changed_keys(saved: RunConfig, requested: RunConfig) -> list[str]:
     """Dotted keys whose values differ (derived ones excluded), for the resume log line."""
     diff = _differences(run_config_to_dict(saved), run_config_to_dict(requested))
     return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items() if k not in DERIVED_KEYS]
+
+
+def record_launch(
+    run_dir: Path, resumed_from_step: int | None, device: object, precision: Precision, world_size: int
+) -> None:
+    """Append one launch (resolved precision, hardware, resume point) to `<run_dir>/run.json`."""
+    import torch
+
+    from dlmoe._fs import atomic_write_json
+    from dlmoe.precision import hardware_info
+
+    path = Path(run_dir) / "run.json"
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        record = {}  # a damaged record is replaced, never trusted
+    launch = {
+        "time_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "resumed_from_step": resumed_from_step,
+        "device": str(device),
+        "precision": precision.as_dict(),
+        "hardware": hardware_info().as_dict(),
+        "world_size": world_size,
+        "torch": torch.__version__,
+    }
+    record["launches"] = [*record.get("launches", []), launch]
+    atomic_write_json(path, record)
+
+
+def remove_if_only_lock(run_dir: Path) -> None:
+    """Remove a run folder this process created when it holds nothing but the lock and scratch."""
+    entries = [e for e in run_dir.iterdir() if e.name != LOCK_FILE] if run_dir.is_dir() else None
+    if entries == []:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()

@@ -1,9 +1,9 @@
 """The training loop: owns optimizer, LR schedule, precision, checkpoints and logging.
 
 One optimizer step:
-  1. for each of `grad_accum` micro-batches: noise (t_b ~ U[mask_ratio_min, mask_ratio_max], mask)
-     → forward (mask ratio to routers) → loss (ELBO / stable / masked_mean) + router aux/z losses
-     → backward;
+  1. for each of `grad_accum` micro-batches: `diffusion.diffusion_loss` (noise t_b ~
+     U[mask_ratio_min, mask_ratio_max], mask → forward under autocast → ELBO / stable / masked_mean)
+     + router aux/z losses → backward;
   2. clip gradients, AdamW step, LR schedule step;
   3. loss-free expert-bias update (once per optimizer step);
   4. log, evaluate, checkpoint on their intervals.
@@ -12,13 +12,12 @@ A block-causal model (`model.attention="block_causal"`) trains on two streams [x
 with the exact cache, and validation measures the ELBO of that block-wise denoiser.
 Noise comes from a dedicated generator saved with the checkpoint, so a resumed run repeats the
 uninterrupted run's losses exactly. `train.init_from` starts a run from a finished run's weights and
-tokenizer (fine-tuning; see `init_from.py`); validation always reports the ELBO over t ~ U(0, 1).
+tokenizer (fine-tuning; see `init_from.py`); validation always reports the ELBO over t ~ U(0, 1)
+(`diffusion.validation_elbo`, the evaluator `dlmoe eval --validation` uses too).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import sys
 import time
@@ -31,11 +30,11 @@ from tqdm.auto import tqdm
 from dlmoe._fs import atomic_write_json, remove_stale_scratch
 from dlmoe.config import RunConfig
 from dlmoe.config_io import read_saved_run_config, save_run_config
-from dlmoe.diffusion.loss import DiffusionLoss, loss_by_mask_ratio_bin, masked_diffusion_loss
-from dlmoe.diffusion.noise import NoisedBatch, add_mask_noise
+from dlmoe.diffusion.objective import ObjectiveOutput, diffusion_loss
+from dlmoe.diffusion.validation import NUM_BINS, validation_elbo
 from dlmoe.model.flops import model_size
 from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
-from dlmoe.precision import hardware_info, resolve_precision
+from dlmoe.precision import resolve_precision
 from dlmoe.routing.routers import update_expert_biases
 from dlmoe.runtime import resolve_device, tune_cpu_malloc
 from dlmoe.train.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
@@ -43,10 +42,18 @@ from dlmoe.train.data_setup import RunData, check_corpus, prepare_data
 from dlmoe.train.distributed import LocalRuntime
 from dlmoe.train.init_from import SourceRun
 from dlmoe.train.metrics import MetricsLog, plot_losses, routing_summary
-from dlmoe.train.run_folder import LOCK_FILE, RunLock, changed_keys, check_resume_config, clear_run, holds_run
+from dlmoe.train.run_folder import (
+    RunLock,
+    changed_keys,
+    check_resume_config,
+    clear_run,
+    holds_run,
+    record_launch,
+    remove_if_only_lock,
+)
 from dlmoe.train.schedule import build_lr_schedule, lr_multiplier
 
-NUM_BINS = 10  # equal-width mask-ratio bins of the validation breakdown
+__all__ = ["NUM_BINS", "TrainSummary", "Trainer", "TrainingError"]  # NUM_BINS: kept for older imports
 
 
 class TrainingError(RuntimeError):
@@ -104,7 +111,7 @@ class Trainer:
         except BaseException:
             self.close()
             if created and runtime.is_main:  # nothing of a run was written: leave no empty folder behind
-                _remove_if_only_lock(self.run_dir)
+                remove_if_only_lock(self.run_dir)
             raise
 
     def _open_run_folder(self, config: RunConfig, resume: bool, overwrite: bool) -> Path | None:
@@ -168,7 +175,8 @@ class Trainer:
         self.config = replace(config, model=model_config)
         if runtime.is_main:
             save_run_config(self.config, self.run_dir / "config.json")
-            self._record_launch()
+            resumed_from = int(self.checkpoint.name.removeprefix("step_")) if self.checkpoint else None
+            record_launch(self.run_dir, resumed_from, self.device, self.precision, runtime.world_size)
             self._say(f"{self.run_dir}: {self.precision.name} on {self.device} ({self.precision.reason})")
         # A fresh model: every rank builds all of it on the CPU from the same seed (parallelising keeps
         # each rank's part, then moves it to the device). A fine-tune: built on the meta device, and
@@ -193,25 +201,6 @@ class Trainer:
         # two streams: every training token is fed twice, against 2L keys
         streams = 2 if model_config.block_causal else 1
         self.flops_per_token = streams * model_size(model_config, streams * config.data.seq_len).forward_flops_per_token
-
-    def _record_launch(self) -> None:
-        """Append this launch (resolved precision, hardware, resume point) to `<run_dir>/run.json`."""
-        path = self.run_dir / "run.json"
-        try:
-            record = json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError:
-            record = {}  # a damaged record is replaced, never trusted
-        launch = {
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "resumed_from_step": int(self.checkpoint.name.removeprefix("step_")) if self.checkpoint else None,
-            "device": str(self.device),
-            "precision": self.precision.as_dict(),
-            "hardware": hardware_info().as_dict(),
-            "world_size": self.runtime.world_size,
-            "torch": torch.__version__,
-        }
-        record["launches"] = [*record.get("launches", []), launch]
-        atomic_write_json(path, record)
 
     def _say(self, message: str) -> None:
         """One line on stderr (main rank), above the progress bar."""
@@ -264,38 +253,32 @@ class Trainer:
             group["weight_decay"] = decay
             group["betas"] = (t.beta1, t.beta2)
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.name == "bf16")
+    def _forward(self, noisy_ids: torch.Tensor, **inputs: torch.Tensor):
+        """The model's forward under this run's autocast (bf16 only where native)."""
+        bf16 = self.precision.name == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return self.runtime.forward_module(noisy_ids, **inputs)
 
     def _loss(
         self, batch: torch.Tensor, generator: torch.Generator, weighting: str | None = None, *, validation: bool = False
-    ) -> tuple[DiffusionLoss, torch.Tensor, list, NoisedBatch]:
-        """(diffusion loss, router aux loss, dispatches, the noised batch) of one batch.
+    ) -> ObjectiveOutput:
+        """(diffusion loss, router aux loss, dispatches, the noised batch) of one batch (this rank's rows).
 
         Training noise uses the configured t range; `validation` uses U(0, 1), what the ELBO integrates over."""
         train = self.config.train
-        t_min, t_max = (0.0, 1.0) if validation else (train.mask_ratio_min, train.mask_ratio_max)
-        # noise is drawn on the CPU from a checkpointed generator: identical on every device
-        noised = add_mask_noise(
-            batch, self.config.model.mask_id, antithetic=train.antithetic, generator=generator, t_min=t_min, t_max=t_max
+        return diffusion_loss(
+            self._forward,
+            batch,
+            mask_id=self.config.model.mask_id,
+            two_stream=self.config.model.block_causal,
+            generator=generator,
+            t_min=0.0 if validation else train.mask_ratio_min,
+            t_max=1.0 if validation else train.mask_ratio_max,
+            antithetic=train.antithetic,
+            weighting=weighting or train.loss_weighting,
+            rows=self.runtime.local_rows,
+            device=self.device,
         )
-        # the noise of the global batch is drawn on every rank; each keeps its own rows
-        rows = self.runtime.local_rows
-        batch = rows(batch)
-        noised = NoisedBatch(*(rows(getattr(noised, f.name)) for f in dataclasses.fields(noised)))
-        dev = self.device
-        # block-causal: the clean stream x_0 rides along, so earlier blocks are seen clean (as when sampling)
-        clean = {"clean_input_ids": batch.to(dev)} if self.config.model.block_causal else {}
-        with self._autocast():
-            out = self.runtime.forward_module(noised.noisy_ids.to(dev), mask_ratio=noised.mask_ratio.to(dev), **clean)
-        diff = masked_diffusion_loss(
-            out.logits,
-            batch.to(dev),
-            noised.masked.to(dev),
-            noised.mask_ratio.to(dev),
-            weighting=weighting or self.config.train.loss_weighting,
-        )
-        return diff, out.aux_loss, out.dispatches, noised
 
     def train_step(self, *, routing_stats: bool = True) -> dict[str, float]:
         """One optimizer step (with gradient accumulation); returns its metrics row.
@@ -342,42 +325,23 @@ class Trainer:
         }
         return row | routing_summary(dispatches) if routing_stats else row
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation ELBO (nats/token, an upper bound on NLL; always 1/r-weighted), bits per byte,
-        and the mean masked-token CE per mask-ratio bin (written to `val_bins.json`). Fixed noise.
-
-        Block-causal models are scored on two streams: each block given the clean earlier blocks."""
+        """Validation ELBO (nats/token, always 1/r-weighted over t ~ U(0, 1), fixed noise), bits per byte,
+        and the mean masked-token CE per mask-ratio bin (written to `val_bins.json`): `validation_elbo`."""
         self.model.eval()
-        generator = torch.Generator().manual_seed(1234)
-        losses, ce_sum, count = (
-            [],
-            torch.zeros(NUM_BINS, dtype=torch.float64),
-            torch.zeros(NUM_BINS, dtype=torch.float64),
+        model = self.config.model
+        result = validation_elbo(
+            self._forward,
+            self.data.validation_batches,
+            mask_id=model.mask_id,
+            two_stream=model.block_causal,
+            antithetic=self.config.train.antithetic,
+            device=self.device,
+            runtime=self.runtime,
         )
-        for batch in self.data.validation_batches:
-            if batch.shape[0] < self.runtime.world_size:  # a short last batch: no row for some rank
-                continue
-            diff, _, _, noised = self._loss(batch, generator, weighting="elbo", validation=True)
-            losses.append(diff.loss.item())
-            bin_ce, bin_n = loss_by_mask_ratio_bin(diff.token_ce.cpu(), noised.masked, noised.mask_ratio, NUM_BINS)
-            ce_sum, count = ce_sum + bin_ce, count + bin_n
-        # ranks score equal slices of each batch: the mean of their losses is the global batch's
-        losses = self.runtime.mean(losses)
-        ce_sum, count = self.runtime.sum(ce_sum), self.runtime.sum(count)
-        val = sum(losses) / len(losses)
-        bins = [
-            {
-                "mask_ratio": [i / NUM_BINS, (i + 1) / NUM_BINS],
-                "ce": (ce_sum[i] / count[i]).item(),
-                "tokens": int(count[i]),
-            }
-            for i in range(NUM_BINS)
-            if count[i] > 0
-        ]
         if self.runtime.is_main:
-            atomic_write_json(self.run_dir / "val_bins.json", {"step": self.step, "bins": bins}, indent=1)
-        return {"val_loss": val, "val_bits_per_byte": val / math.log(2) / self.data.bytes_per_token}
+            atomic_write_json(self.run_dir / "val_bins.json", {"step": self.step, "bins": result.bins}, indent=1)
+        return {"val_loss": result.nats_per_token, "val_bits_per_byte": result.bits_per_byte(self.data.bytes_per_token)}
 
     def fit(self) -> TrainSummary:
         t, runtime = self.config.train, self.runtime
@@ -428,11 +392,3 @@ class Trainer:
             tokens_per_s,
             time.perf_counter() - start,
         )
-
-
-def _remove_if_only_lock(run_dir: Path) -> None:
-    """Remove a run folder this process created when it holds nothing but the lock and scratch."""
-    entries = [e for e in run_dir.iterdir() if e.name != LOCK_FILE] if run_dir.is_dir() else None
-    if entries == []:
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
-        run_dir.rmdir()
