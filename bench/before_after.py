@@ -82,7 +82,8 @@ def main() -> None:
         raise SystemExit(f"--bench {args.bench!r}: no such script under {ROOT / 'bench'}")
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
     head_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True).stdout)
+    status = ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]
+    dirty = bool(subprocess.run(status, capture_output=True).stdout)  # tracked files changed
     figures: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="dlmoe-base-") as tmp:
         base_rev = export_tree(args.base, Path(tmp))
