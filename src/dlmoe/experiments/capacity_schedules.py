@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,19 @@ from dlmoe.experiments.common import (
     VariantRun,
     check_args,
     experiment_scale,
-    finish_report,
     finite,
     format_delta,
     format_stats,
     markdown_table,
     prepare_output,
+    rotated,
     scale_overrides,
     seed_stats,
     train_variant,
     validation_curve,
 )
+from dlmoe.experiments.provenance import finish_record, start_record
+from dlmoe.experiments.raw_data import Rendered, publish, read_raw
 from dlmoe.routing.schedules import SCHEDULE_NAMES, FlopsMatch, expected_k, flops_match
 
 NAME = "capacity-schedules"
@@ -142,10 +145,11 @@ def run(args: ExperimentArgs) -> dict:
         "scaling_factor": args.scaling_factor,
     }
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
+    record, started = start_record(scale.device), time.perf_counter()
     base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
     runs: dict[str, list[VariantRun]] = {name: [] for name in schedules}
     for seed in range(args.seeds):  # seed-major: one seed's schedules share init, data split and validation noise
-        for name in schedules:
+        for name in rotated(list(schedules), seed):  # no schedule always first within a seed
             runs[name].append(train_variant(out, name, seed, base, _variant(name, k_min, k_max)))
     results = summarise(runs, matches) | {
         "experiment": NAME,
@@ -154,10 +158,16 @@ def run(args: ExperimentArgs) -> dict:
         "k_range": [k_min, k_max],
         "tolerance": TOLERANCE,
     }
-    plots = [plot_bins(results, out / "per_bin_loss.png"), plot_final(results, out / "final_loss.png")]
     results = finite(results)
-    finish_report(out, args.report_name(NAME), results, report(results), plots, args.results_doc)
+    publish(out, args.report_name(NAME), results, finish_record(record, started), args.results_doc)
     return results
+
+
+def render(raw_dir: Path) -> Rendered:
+    """The report and plots from the archived results.json alone."""
+    results, _ = read_raw(raw_dir)
+    plots = [plot_bins(results, raw_dir / "per_bin_loss.png"), plot_final(results, raw_dir / "final_loss.png")]
+    return Rendered(report(results), plots)
 
 
 def _bin_ce(run: VariantRun) -> dict[tuple[float, float], float]:
