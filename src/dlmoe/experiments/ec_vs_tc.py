@@ -4,11 +4,16 @@ Same model, data, seed and experts per token k; only the router differs (z-loss 
 in every EC-DLM script):
 
   ec                expert choice, static k: capacity C = ⌊L·k/E⌋ per sequence, no aux loss
-  tc_aux_cf1.25     token choice, aux loss α = 0.01, capacity factor 1.25 (drops by gate)
-  tc_aux_dropless   token choice, aux loss α = 0.01, no capacity limit
-  tc_bias_dropless  token choice, loss-free expert bias (update rate 1e-3), no capacity limit.
+  tc_aux_cf1.25     token choice, Switch aux loss α, capacity factor 1.25 (drops by gate)
+  tc_aux_dropless   token choice, Switch aux loss α, no capacity limit
+  tc_bias_dropless  token choice, loss-free expert bias (update rate u), no capacity limit.
                     EC-DLM ran the bias dropless and at cf 1.25/1.5; dropless here, so the bias
                     alone does the balancing and drops cannot hide an imbalance.
+
+Fair baselines: α ∈ {0.001, 0.01, 0.1} and u ∈ {1e-3, 1e-2} (EC-DLM's 0.01 and 1e-3 among them) are
+tuned for this horizon on seed 0 (lowest final validation loss, `runs/tune_*`), then every variant
+trains on the paired seeds, in an order rotated per seed. Each finished run is also evaluated with
+its routed experts off (`controls.routed_experts_control`).
 
 Wall-clock ratio ("speedup"), per TC variant and seed: the TC run's total training time over the
 training time EC needs to first reach that run's final validation loss (linear interpolation between
@@ -50,22 +55,28 @@ NAME = "ec-vs-tc"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     EC: ("expert choice, static k", {"model.moe.router.kind": "expert_choice"}),
     "tc_aux_cf1.25": (
-        "token choice, aux loss 0.01, capacity factor 1.25",
+        "token choice, aux loss α (tuned), capacity factor 1.25",
         {"model.moe.router.kind": "token_choice", "model.moe.router.aux_loss_coef": 0.01,
          "model.moe.router.capacity_factor": 1.25},
     ),
     "tc_aux_dropless": (
-        "token choice, aux loss 0.01, dropless",
+        "token choice, aux loss α (tuned), dropless",
         {"model.moe.router.kind": "token_choice", "model.moe.router.aux_loss_coef": 0.01,
          "model.moe.router.capacity_factor": None},
     ),
     "tc_bias_dropless": (
-        "token choice, loss-free expert bias (rate 1e-3), dropless",
+        "token choice, loss-free expert bias (rate tuned), dropless",
         {"model.moe.router.kind": "token_choice", "model.moe.router.expert_bias": True,
          "model.moe.router.bias_update_rate": 1e-3, "model.moe.router.capacity_factor": None},
     ),
 }  # fmt: skip
 TC_VARIANTS = tuple(n for n in VARIANTS if n != EC)
+# the baselines' balancing strength, tuned for this short horizon on seed 0 (lowest final validation loss);
+# the aux coefficient chosen for tc_aux_dropless also applies to tc_aux_cf1.25
+TUNING: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
+    "aux_loss_coef": ("tc_aux_dropless", (0.001, 0.01, 0.1), ("tc_aux_cf1.25", "tc_aux_dropless")),
+    "bias_update_rate": ("tc_bias_dropless", (1e-3, 1e-2), ("tc_bias_dropless",)),
+}
 # laptop: 300 steps (150 barely leave warmup behind), evaluations every 25 steps for the time-to-loss interpolation
 LAPTOP = {"steps": 300, "eval_every": 25}
 
@@ -154,7 +165,7 @@ def aggregate_comparisons(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(args: ExperimentArgs) -> dict:
-    check_args(args)
+    check_args(args, ("tune",))
     scale = experiment_scale(args, LAPTOP)
     ec_active = check_static_ec_flops(scale, allow_unmatched=args.allow_unmatched)
     options = {"scale": args.scale_name, "scale_values": dataclasses.asdict(scale), "corpus": args.corpus,
@@ -163,28 +174,56 @@ def run(args: ExperimentArgs) -> dict:
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
     record, started = start_record(scale.device), time.perf_counter()
     base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
+    tuning = tune_baselines(out, base) if args.extra.get("tune", True) else {}
+    variants = tuned_variants(tuning)
     runs: dict[str, list[VariantRun]] = {name: [] for name in VARIANTS}
     controls: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for seed in range(args.seeds):  # seed-major: variants of one seed share init, data split and noise
         for name in rotated(list(VARIANTS), seed):  # no variant always first within a seed
-            trained = train_variant(out, name, seed, base, VARIANTS[name][1])
+            trained = train_variant(out, name, seed, base, variants[name])
             runs[name].append(trained)
             controls[name].append(routed_experts_control(trained.run_dir) | {"seed": seed})
-    results = summarise(runs, scale, ec_active) | {
+    results = summarise(runs, scale, ec_active, variants) | {
         "experiment": NAME,
         "options": options,
         "controls": {name: per_seed for name, per_seed in controls.items()},
+        "tuning": tuning,
     }
     publish(out, args.report_name(NAME), finite(results), finish_record(record, started), args.results_doc)
     return finite(results)
+
+
+def tune_baselines(out: Path, base: dict[str, Any]) -> dict[str, Any]:
+    """Per balancing knob, train its TC variant at each candidate value (seed 0, under
+    `runs/tune_<knob>_<value>/`) and keep the value with the lowest final validation loss."""
+    tuning = {}
+    for knob, (variant, candidates, applies_to) in TUNING.items():
+        losses = {}
+        for value in candidates:
+            overrides = VARIANTS[variant][1] | {f"model.moe.router.{knob}": value}
+            losses[repr(value)] = train_variant(out, f"tune_{knob}_{value}", 0, base, overrides).final_val_loss
+        chosen = min(candidates, key=lambda v: losses[repr(v)])
+        tuning[knob] = {"variant": variant, "final_val_loss": losses, "chosen": chosen, "applies_to": list(applies_to)}
+    return tuning
+
+
+def tuned_variants(tuning: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each variant's overrides with the tuned knob values applied."""
+    variants = {name: dict(overrides) for name, (_, overrides) in VARIANTS.items()}
+    for knob, tuned in tuning.items():
+        for name in tuned["applies_to"]:
+            variants[name][f"model.moe.router.{knob}"] = tuned["chosen"]
+    return variants
 
 
 def render(raw_dir: Path) -> Rendered:
     """The report from the archived raw data alone: the aggregated numbers are recomputed from the
     per-run metrics (and must equal results.json), verdicts and plots are drawn from them."""
     results, provenance = read_raw(raw_dir)
-    runs = load_variant_runs(raw_dir)
-    derived = finite(summarise(runs, Scale(**results["scale"]), results["ec_active_experts_per_token"]))
+    archived = load_variant_runs(raw_dir)  # the tuning runs (tune_*) are reported from results.json
+    runs = {name: archived[name] for name in VARIANTS}
+    overrides = tuned_variants(results["tuning"])
+    derived = finite(summarise(runs, Scale(**results["scale"]), results["ec_active_experts_per_token"], overrides))
     stale = sorted(key for key, value in derived.items() if results.get(key) != value)
     if stale:
         raise ValueError(
@@ -196,14 +235,17 @@ def render(raw_dir: Path) -> Rendered:
     return Rendered(markdown, [validation, routing], {"val_loss": val_series, "routing": routing_series})
 
 
-def summarise(runs: dict[str, list[VariantRun]], scale: Scale, ec_active: float) -> dict[str, Any]:
+def summarise(
+    runs: dict[str, list[VariantRun]], scale: Scale, ec_active: float, overrides: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The aggregated figures of the paired runs (`overrides`: each variant's, tuned knobs applied)."""
     variants: dict[str, Any] = {}
     for name, seed_runs in runs.items():
         per_run = [_run_record(r) for r in seed_runs]
         paired = [r.final_val_loss - e.final_val_loss for r, e in zip(seed_runs, runs[EC], strict=True)]
         variants[name] = {
             "description": VARIANTS[name][0],
-            "overrides": VARIANTS[name][1],
+            "overrides": overrides[name],
             "active_flops_per_token": seed_runs[0].rows[-1]["active_flops_per_token"],
             **{key: seed_stats([r[key] for r in per_run]) for key in ("final_val_loss", "train_s", "tokens_per_s")},
             **{key: seed_stats([r[key] for r in per_run]) for key in ROUTING_COLUMNS},

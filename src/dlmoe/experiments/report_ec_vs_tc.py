@@ -17,7 +17,7 @@ from dlmoe.experiments.common import (
     seed_stats,
     validation_curve,
 )
-from dlmoe.experiments.controls import MIN_ROUTED_CONTRIBUTION
+from dlmoe.experiments.controls import control_line
 from dlmoe.experiments.provenance import machine_line
 from dlmoe.experiments.verdicts import verdict
 
@@ -68,7 +68,7 @@ def report(results: dict[str, Any], provenance: dict[str, Any]) -> str:
     return (
         f"{head}\n\n{machine_line(provenance)}\n\n{control_line(results)}\n\n"
         + "\n".join(f"- {v.line()}" for v in verdicts(results))
-        + f"\n\n{markdown_table(rows, columns)}\n\n"
+        + f"\n\n{tuning_line(results)}\n\n{markdown_table(rows, columns)}\n\n"
         "Time for EC to reach each TC variant's final validation loss (speedup = TC time / EC time, > 1: EC "
         "faster; interpolated between evaluations). The step speedup is the FLOPs-normalised figure (equal "
         "active FLOPs per step), free of kernel choice and machine load; the wall-clock one is measured (EC "
@@ -77,25 +77,16 @@ def report(results: dict[str, Any], provenance: dict[str, Any]) -> str:
     )
 
 
-def control_line(results: dict[str, Any]) -> str:
-    """The routed-experts-off control of every variant: how much the routed experts are worth."""
+def tuning_line(results: dict[str, Any]) -> str:
+    """How the baselines' balancing strength was chosen for this horizon (seed 0, final validation loss)."""
+    if not results.get("tuning"):
+        return "Baselines: the balancing strengths of EC-DLM's scripts (not tuned for this horizon)."
     parts = []
-    for name, per_seed in results.get("controls", {}).items():
-        stats = seed_stats([r["routed_contribution"] for r in per_seed])
-        parts.append(f"{name} {format_stats(stats, 3)}")
-    low = [
-        name for name, per_seed in results.get("controls", {}).items()
-        if seed_stats([r["routed_contribution"] for r in per_seed])["mean"] < MIN_ROUTED_CONTRIBUTION
-    ]  # fmt: skip
-    verdict_text = (
-        f"below the {MIN_ROUTED_CONTRIBUTION} nats this comparison needs for {low}: the routers barely matter here"
-        if low
-        else f"above {MIN_ROUTED_CONTRIBUTION} nats for every variant: the routed experts matter at this scale"
-    )
-    return (
-        "Routed-experts-off control (validation ELBO with every routed expert's output dropped minus the ELBO "
-        f"as trained, nats/token, mean ± std over seeds): {', '.join(parts)} — {verdict_text}."
-    )
+    for knob, tuned in results["tuning"].items():
+        tried = ", ".join(f"{value} → {loss:.4f}" for value, loss in tuned["final_val_loss"].items())
+        parts.append(f"{knob} ({tuned['variant']}, seed 0: {tried}; chosen {tuned['chosen']}, "
+                     f"used by {', '.join(tuned['applies_to'])})")  # fmt: skip
+    return "Baselines tuned for this horizon (final validation loss per candidate): " + "; ".join(parts) + "."
 
 
 def verdicts(results: dict[str, Any]) -> list:
