@@ -19,6 +19,7 @@ from dlmoe.experiments.ec_vs_tc import (
     run,
     time_to_reach,
 )
+from dlmoe.experiments.raw_data import render_doc
 from tests.experiments.conftest import make_args
 
 CURVE = [(10.0, 1.0, 5.0), (20.0, 2.0, 4.0), (30.0, 4.0, 3.0)]  # (step, train seconds, validation loss)
@@ -122,6 +123,13 @@ def test_output_folder_contract(cli_run):
     text = doc.read_text()
     assert text.count("<!-- experiment:ec-vs-tc -->") == 1 and "| tc_bias_dropless |" in text
     assert "![val_loss](results/ec-vs-tc/val_loss.png)" in text
+    assert set(results["tuning"]) == {"aux_loss_coef", "bias_update_rate"}  # the baselines' short-horizon sweep
+    assert results["tuning"]["aux_loss_coef"]["chosen"] in (0.001, 0.01, 0.1)
+    assert "Baselines tuned for this horizon" in text
+    # the section is a function of the archived files alone: re-rendering gives the same text and series
+    series = json.loads((raw / "plots.json").read_text())
+    assert render_doc(doc) == ["ec-vs-tc"] and doc.read_text() == text
+    assert json.loads((raw / "plots.json").read_text()) == series and set(series) == {"val_loss", "routing"}
 
 
 def test_second_run_without_overwrite_is_refused(cli_run, capsys):

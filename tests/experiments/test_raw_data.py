@@ -78,6 +78,7 @@ def test_every_section_of_the_doc_has_its_raw_data():
     text = DOC.read_text()
     assert text.startswith(DOC_HEADER)
     assert sorted(committed_sections(DOC)) == sorted(p.name for p in _archived())
+    assert not sorted((DOC.parent / "results").glob("*.png")), "a figure outside an experiment's raw folder"
 
 
 @pytest.mark.parametrize("raw", _archived(), ids=lambda p: p.name)

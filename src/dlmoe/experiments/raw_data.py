@@ -30,7 +30,7 @@ RUN_FILES = ("metrics.csv", "val_bins.json", "config.json")
 RESULTS, PROVENANCE, SERIES = "results.json", "provenance.json", "plots.json"
 DOC_HEADER = (
     "# Results\n\n"
-    "Rendered by `dlmoe experiment render` from the raw data committed under `docs/results/<experiment>/` "
+    "Rendered by `dlmoe render-results` from the raw data committed under `docs/results/<experiment>/` "
     "(per-run metrics, configs, aggregated results and a provenance record); do not edit by hand.\n"
 )
 
@@ -146,8 +146,22 @@ def render_doc(doc: Path, only: Sequence[str] = ()) -> list[str]:
             sections[folder.name] = old[folder.name]
         else:
             sections[folder.name] = section(folder.name, render_experiment(folder), doc)
-    atomic_write_text(doc, DOC_HEADER + "".join(f"\n{text}\n" for text in sections.values()))
+    atomic_write_text(doc, DOC_HEADER + _awaiting(names) + "".join(f"\n{text}\n" for text in sections.values()))
     return [n for n in names if not only or n in only]
+
+
+def _awaiting(names: Sequence[str]) -> str:
+    """The registry's experiments that have no archived raw data yet (generated, never hand-kept)."""
+    from dlmoe.experiments import EXPERIMENTS
+
+    missing = [name for name in EXPERIMENTS if name not in names]
+    if not missing:
+        return ""
+    listed = ", ".join(f"`{name}`" for name in missing)
+    return (
+        f"\nNo committed raw data yet for {listed}: run `dlmoe experiment NAME --results-doc docs/results.md` "
+        "(sections rendered before raw data was archived were removed: their numbers could not be traced).\n"
+    )
 
 
 def _sections(text: str) -> dict[str, str]:
