@@ -1,4 +1,5 @@
-"""`dlmoe experiment NAME` and `dlmoe retrofit`: the papers' claims as commands (see dlmoe.experiments)."""
+"""`dlmoe experiment NAME`, `dlmoe retrofit` and `dlmoe render-results`: the papers' claims as commands
+(see dlmoe.experiments) and the results document rendered from their committed raw data."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     _common(p, SCALES)
     p.add_argument("--reinit-router", dest="reinit_router", action="store_true", help="re-initialise router weights")
     p.set_defaults(func=retrofit, name="retrofit")
+
+    p = sub.add_parser(
+        "render-results",
+        help="re-render docs/results.md (sections and plots) from the raw data committed under docs/results/*/",
+    )
+    p.add_argument("names", nargs="*", help="only these experiments' sections (default: all with raw data)")
+    p.add_argument("--doc", default="docs/results.md", help="the results document (default: docs/results.md)")
+    p.set_defaults(func=render_results)
 
 
 def _common(p: argparse.ArgumentParser, scales: dict) -> None:
@@ -82,3 +91,10 @@ def retrofit(ns: argparse.Namespace) -> None:
 
     results = experiment_runner("retrofit")(_args(ns, reinit_router=ns.reinit_router))
     print(json.dumps({"experiment": "retrofit", "out": str(ns.out), "summary": results.get("summary", {})}))
+
+
+def render_results(ns: argparse.Namespace) -> None:
+    from dlmoe.experiments.raw_data import render_doc
+
+    rendered = render_doc(Path(ns.doc), only=ns.names)
+    print(json.dumps({"doc": ns.doc, "rendered": rendered}))

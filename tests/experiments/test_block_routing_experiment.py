@@ -42,8 +42,9 @@ def test_block_routing_experiment_writes_the_pareto_report(tiny: str, tmp_path: 
         assert all(p["acc_q"] in (0.0, 1.0) for p in points)
     assert results["mcq_skipped_lines"] == {"q": 1}
     out = tmp_path / "out"
-    for name in ("experiment.json", "results.json", "results.md", "pareto.png"):
+    for name in ("experiment.json", "results.json", "results.md", "provenance.json"):
         assert (out / name).stat().st_size > 0
+    assert (doc.parent / "results" / "block-routing" / "pareto.png").stat().st_size > 0  # drawn from the raw data
     assert json.loads((out / "results.json").read_text())["guard"] == 4
     # the fine-tuned run routes by blocks in training and saves that choice
     saved = json.loads((out / "ft_top_p_0.5" / "config.json").read_text())["model"]["moe"]["router"]["block"]

@@ -19,6 +19,7 @@ from dlmoe.experiments.ec_vs_tc import (
     run,
     time_to_reach,
 )
+from dlmoe.experiments.raw_data import render_doc
 from tests.experiments.conftest import make_args
 
 CURVE = [(10.0, 1.0, 5.0), (20.0, 2.0, 4.0), (30.0, 4.0, 3.0)]  # (step, train seconds, validation loss)
@@ -102,17 +103,33 @@ def test_output_folder_contract(cli_run):
         assert c["speedup"] is None or c["speedup"]["mean"] > 0
         assert (c["speedup"] is None) == (c["reason"] is not None and c["reached"] == "0/1")
     assert set(results["summary"]) == {"final_val_loss", "speedup", "step_speedup"}
-    for png in ("val_loss.png", "routing.png"):
-        assert (out / png).stat().st_size > 1000
+    for name, per_seed in results["controls"].items():  # the routed-experts-off control of every run
+        (control,) = per_seed
+        assert control["routed_contribution"] == pytest.approx(control["val_elbo_routed_off"] - control["val_elbo"])
+        assert control["val_elbo"] == pytest.approx(results["variants"][name]["final_val_loss"]["mean"], rel=1e-5)
     md = (out / "results.md").read_text()
-    assert (
-        "| variant | router | final val loss | Δ vs ec |" in md
-        and "| TC variant |" in md
-        and "![val_loss](val_loss.png)" in md
-    )
+    assert "| variant | router | final val loss | Δ vs ec |" in md and "| TC variant |" in md
+    assert "Routed-experts-off control" in md and "— EC trains to a lower validation loss than" in md
+    raw = doc.parent / "results" / "ec-vs-tc"  # the raw data the doc section is rendered from
+    for png in ("val_loss.png", "routing.png"):
+        assert (raw / png).stat().st_size > 1000
+    provenance = json.loads((raw / "provenance.json").read_text())
+    assert set(provenance) >= {"git", "command", "torch", "dtype", "cpu", "threads", "load_before", "load_after"}
+    assert provenance["command"] and provenance["load_before"]["cores"] >= 1  # this process's command line
+    for name in VARIANTS:
+        files = {p.name for p in (raw / "runs" / name / "seed0").iterdir()}
+        assert files == {"metrics.csv", "val_bins.json", "config.json"}
+    assert json.loads((raw / "results.json").read_text()) == results
     text = doc.read_text()
     assert text.count("<!-- experiment:ec-vs-tc -->") == 1 and "| tc_bias_dropless |" in text
-    assert (doc.parent / "results" / "ec-vs-tc-val_loss.png").is_file()
+    assert "![val_loss](results/ec-vs-tc/val_loss.png)" in text
+    assert set(results["tuning"]) == {"aux_loss_coef", "bias_update_rate"}  # the baselines' short-horizon sweep
+    assert results["tuning"]["aux_loss_coef"]["chosen"] in (0.001, 0.01, 0.1)
+    assert "Baselines tuned for this horizon" in text
+    # the section is a function of the archived files alone: re-rendering gives the same text and series
+    series = json.loads((raw / "plots.json").read_text())
+    assert render_doc(doc) == ["ec-vs-tc"] and doc.read_text() == text
+    assert json.loads((raw / "plots.json").read_text()) == series and set(series) == {"val_loss", "routing"}
 
 
 def test_second_run_without_overwrite_is_refused(cli_run, capsys):

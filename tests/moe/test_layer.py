@@ -439,3 +439,23 @@ def test_shared_width_config() -> None:
     layer = MoELayer(MoEConfig(router=RouterConfig(), expert_hidden=8, num_shared_experts=3, shared_hidden=5), DIM)
     assert layer.shared_experts.down_proj.weight.shape == (DIM, 5)
     assert MoELayer(MoEConfig(router=RouterConfig(), expert_hidden=8), DIM).shared_experts is None
+
+
+def test_routed_experts_off_leaves_exactly_the_shared_experts():
+    from dlmoe.config import ModelConfig
+    from dlmoe.model.transformer import DiffusionTransformer
+    from dlmoe.moe import routed_experts_off
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(router=RouterConfig(num_experts=4, num_experts_per_tok=2), expert_hidden=8,
+                               num_shared_experts=1), dim=16)  # fmt: skip
+    x = torch.randn(2, 6, 16)
+    full, _ = layer(x)
+    with routed_experts_off(layer):
+        shared_only, moe = layer(x)
+    assert torch.equal(shared_only, layer.shared_experts(x.reshape(-1, 16)).view_as(x))
+    assert not torch.allclose(full, shared_only) and moe.dispatch.num_slots > 0  # routing still ran
+    assert torch.equal(layer(x)[0], full)  # restored on exit
+    dense = DiffusionTransformer(ModelConfig(vocab_size=32, dim=16, num_layers=1, num_heads=2, moe=None))
+    with pytest.raises(ValueError, match="needs a model with MoE layers"), routed_experts_off(dense):
+        pass

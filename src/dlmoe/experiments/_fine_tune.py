@@ -3,10 +3,10 @@
 Shared by `learning-efficiency` and `retrofit`. Three things `dlmoe finetune` does not give:
   1. the validation ELBO (and per-bin CE) *before* the first step — the starting point of a probe;
   2. the number of loss-bearing (masked) training tokens actually drawn, and the range of t drawn;
-  3. replicate seeds that change the batch order and the noise but not the train/validation split:
-     `prepare_data` splits documents by `train.seed`, so a fine-tune that changed the seed would
-     train on its source's validation documents. A probe keeps the source's seed and re-seeds the
-     batch iterator and the noise generator instead (`REPLICATE_SEED_OFFSET + replicate`).
+  3. replicate seeds that change the batch order and the noise but nothing else: the split follows
+     `data.split_seed` (never `train.seed`), and a probe also keeps the source's `train.seed` (its
+     initialisation-free fine-tune needs no other) and re-seeds only the batch iterator and the
+     noise generator (`REPLICATE_SEED_OFFSET + replicate`), streams the source run never drew.
 """
 
 from __future__ import annotations

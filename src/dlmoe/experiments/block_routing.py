@@ -13,6 +13,7 @@ with token routing, so the comparison isolates what block-routed training buys.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,14 @@ from dlmoe.eval.mcq_file import read_mcq_jsonl
 from dlmoe.eval.multiple_choice import score_mcq
 from dlmoe.experiments import ExperimentArgs
 from dlmoe.experiments.common import (
-    finish_report,
+    finite,
     markdown_table,
     prepare_output,
     scale_overrides,
     variant_config,
 )
+from dlmoe.experiments.provenance import finish_record, start_record
+from dlmoe.experiments.raw_data import Rendered, publish, read_raw
 from dlmoe.inference import load_run
 from dlmoe.routing.routers import block_routing
 from dlmoe.train import Trainer
@@ -52,6 +55,7 @@ def run(args: ExperimentArgs) -> dict:
         if not Path(path).is_file():
             raise ValueError(f"--mcq file {path!r} does not exist")
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
+    record, started = start_record(args.scale.device), time.perf_counter()
     scale = args.scale
     base_steps = args.steps or 2 * scale.steps
     finetune_steps = max(1, base_steps // 3)
@@ -72,7 +76,6 @@ def run(args: ExperimentArgs) -> dict:
         ft_config, ft_model, _ = load_run(run_dir)
         curves[f"fine-tuned ({label})"] = _sweep(ft_model, tokenizer, ft_config, batches, mcq, guard)
 
-    plots = [_plot(out, curves, list(mcq))]
     results = {
         "base_run": str(base_run),
         "guard": guard,
@@ -85,8 +88,17 @@ def run(args: ExperimentArgs) -> dict:
         "curves": curves,
         "summary": _summary(curves),
     }
-    finish_report(out, NAME, results, _markdown(curves, list(mcq), guard, finetune_steps), plots, args.results_doc)
+    results = finite(results | {"experiment": NAME})
+    publish(out, NAME, results, finish_record(record, started), args.results_doc)
     return results
+
+
+def render(raw_dir: Path) -> Rendered:
+    """The report and the Pareto plot from the archived results.json alone."""
+    results, _ = read_raw(raw_dir)
+    curves, mcq = results["curves"], list(results["mcq_skipped_lines"])
+    plot = _plot(raw_dir, curves, mcq)
+    return Rendered(_markdown(curves, mcq, results["guard"], results["finetune_steps"]), [plot])
 
 
 def _train_base(out: Path, args: ExperimentArgs, steps: int) -> Path:

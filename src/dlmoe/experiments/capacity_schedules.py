@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,21 @@ from dlmoe.experiments.common import (
     VariantRun,
     check_args,
     experiment_scale,
-    finish_report,
     finite,
     format_delta,
     format_stats,
     markdown_table,
     prepare_output,
+    rotated,
     scale_overrides,
     seed_stats,
     train_variant,
     validation_curve,
 )
+from dlmoe.experiments.controls import control_line, routed_experts_control
+from dlmoe.experiments.provenance import finish_record, machine_line, start_record
+from dlmoe.experiments.raw_data import Rendered, publish, read_raw
+from dlmoe.experiments.verdicts import verdict
 from dlmoe.routing.schedules import SCHEDULE_NAMES, FlopsMatch, expected_k, flops_match
 
 NAME = "capacity-schedules"
@@ -142,22 +147,33 @@ def run(args: ExperimentArgs) -> dict:
         "scaling_factor": args.scaling_factor,
     }
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
+    record, started = start_record(scale.device), time.perf_counter()
     base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
     runs: dict[str, list[VariantRun]] = {name: [] for name in schedules}
+    controls: dict[str, list[dict[str, float]]] = {}
     for seed in range(args.seeds):  # seed-major: one seed's schedules share init, data split and validation noise
-        for name in schedules:
-            runs[name].append(train_variant(out, name, seed, base, _variant(name, k_min, k_max)))
+        for name in rotated(list(schedules), seed):  # no schedule always first within a seed
+            trained = train_variant(out, name, seed, base, _variant(name, k_min, k_max))
+            runs[name].append(trained)
+            controls.setdefault(name, []).append(routed_experts_control(trained.run_dir) | {"seed": seed})
     results = summarise(runs, matches) | {
         "experiment": NAME,
         "options": options,
         "static_k": k,
         "k_range": [k_min, k_max],
         "tolerance": TOLERANCE,
+        "controls": {name: controls[name] for name in schedules},
     }
-    plots = [plot_bins(results, out / "per_bin_loss.png"), plot_final(results, out / "final_loss.png")]
     results = finite(results)
-    finish_report(out, args.report_name(NAME), results, report(results), plots, args.results_doc)
+    publish(out, args.report_name(NAME), results, finish_record(record, started), args.results_doc)
     return results
+
+
+def render(raw_dir: Path) -> Rendered:
+    """The report and plots from the archived results.json alone."""
+    results, provenance = read_raw(raw_dir)
+    plots = [plot_bins(results, raw_dir / "per_bin_loss.png"), plot_final(results, raw_dir / "final_loss.png")]
+    return Rendered(report(results, provenance), plots)
 
 
 def _bin_ce(run: VariantRun) -> dict[tuple[float, float], float]:
@@ -227,7 +243,32 @@ def _run_record(run: VariantRun) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- report
 
 
-def report(results: dict[str, Any]) -> str:
+# EC-DLM: more capacity at low mask ratio wins at matched FLOPs; a schedule's predicted sign of
+# (its final loss − static's): −1 where it gives low mask ratios more capacity, +1 where less
+PREDICTED_SIGN = {"linear_reverse": -1, "cosine_reverse": -1, "linear": 1, "cosine": 1}
+
+
+def verdicts(results: dict[str, Any]) -> list:
+    """One verdict per schedule whose sign EC-DLM's claim predicts, from the paired per-seed Δ."""
+    out = []
+    for name, sign in PREDICTED_SIGN.items():
+        s = results["schedules"].get(name)
+        if s is None or s["vs_static"] is None:
+            continue
+        more_or_less = "more" if sign < 0 else "less"
+        out.append(
+            verdict(
+                f"{name} ({more_or_less} capacity at low mask ratio) "
+                f"{'beats' if sign < 0 else 'trails'} static k at matched FLOPs",
+                f"{name} final loss − static final loss ({'< 0' if sign < 0 else '> 0'} predicted)",
+                s["vs_static"]["values"],
+                predicted_sign=sign,
+            )
+        )
+    return out
+
+
+def report(results: dict[str, Any], provenance: dict[str, Any]) -> str:
     o, sc = results["options"], results["options"]["scale_values"]
     k_min, k_max = results["k_range"]
     head = (
@@ -265,7 +306,9 @@ def report(results: dict[str, Any]) -> str:
             bin_rows.append({"schedule": f"Δ {name}"} | {label(b): format_delta(b["vs_static"]) for b in bins})
     columns = ["schedule"] + [label(b) for b in static_bins]
     return (
-        f"{head}\n\n{markdown_table(rows, list(rows[0]))}\n\n"
+        f"{head}\n\n{machine_line(provenance)}\n\n{control_line(results)}\n\n"
+        + "".join(f"- {v.line()}\n" for v in verdicts(results))
+        + f"\n{markdown_table(rows, list(rows[0]))}\n\n"
         "Validation CE on masked tokens per mask-ratio bin (last evaluation): static, and each schedule's Δ:\n\n"
         f"{markdown_table(bin_rows, columns)}"
     )

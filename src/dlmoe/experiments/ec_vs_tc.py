@@ -4,11 +4,16 @@ Same model, data, seed and experts per token k; only the router differs (z-loss 
 in every EC-DLM script):
 
   ec                expert choice, static k: capacity C = ⌊L·k/E⌋ per sequence, no aux loss
-  tc_aux_cf1.25     token choice, aux loss α = 0.01, capacity factor 1.25 (drops by gate)
-  tc_aux_dropless   token choice, aux loss α = 0.01, no capacity limit
-  tc_bias_dropless  token choice, loss-free expert bias (update rate 1e-3), no capacity limit.
+  tc_aux_cf1.25     token choice, Switch aux loss α, capacity factor 1.25 (drops by gate)
+  tc_aux_dropless   token choice, Switch aux loss α, no capacity limit
+  tc_bias_dropless  token choice, loss-free expert bias (update rate u), no capacity limit.
                     EC-DLM ran the bias dropless and at cf 1.25/1.5; dropless here, so the bias
                     alone does the balancing and drops cannot hide an imbalance.
+
+Fair baselines: α ∈ {0.001, 0.01, 0.1} and u ∈ {1e-3, 1e-2} (EC-DLM's 0.01 and 1e-3 among them) are
+tuned for this horizon on seed 0 (lowest final validation loss, `runs/tune_*`), then every variant
+trains on the paired seeds, in an order rotated per seed. Each finished run is also evaluated with
+its routed experts off (`controls.routed_experts_control`).
 
 Wall-clock ratio ("speedup"), per TC variant and seed: the TC run's total training time over the
 training time EC needs to first reach that run's final validation loss (linear interpolation between
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,43 +37,48 @@ from dlmoe.experiments.common import (
     VariantRun,
     check_args,
     experiment_scale,
-    finish_report,
     finite,
-    format_delta,
-    format_stats,
-    markdown_table,
     prepare_output,
+    rotated,
     scale_overrides,
     seed_stats,
     train_variant,
     validation_curve,
 )
-from dlmoe.routing.schedules import ec_capacity
+from dlmoe.experiments.controls import routed_experts_control
+from dlmoe.experiments.provenance import finish_record, start_record
+from dlmoe.experiments.raw_data import Rendered, load_variant_runs, publish, read_raw
+from dlmoe.experiments.report_ec_vs_tc import EC, ROUTING_COLUMNS, plot_routing, plot_validation, report
+from dlmoe.routing.capacity import ec_capacity
 
 NAME = "ec-vs-tc"
-EC = "ec"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     EC: ("expert choice, static k", {"model.moe.router.kind": "expert_choice"}),
     "tc_aux_cf1.25": (
-        "token choice, aux loss 0.01, capacity factor 1.25",
+        "token choice, aux loss α (tuned), capacity factor 1.25",
         {"model.moe.router.kind": "token_choice", "model.moe.router.aux_loss_coef": 0.01,
          "model.moe.router.capacity_factor": 1.25},
     ),
     "tc_aux_dropless": (
-        "token choice, aux loss 0.01, dropless",
+        "token choice, aux loss α (tuned), dropless",
         {"model.moe.router.kind": "token_choice", "model.moe.router.aux_loss_coef": 0.01,
          "model.moe.router.capacity_factor": None},
     ),
     "tc_bias_dropless": (
-        "token choice, loss-free expert bias (rate 1e-3), dropless",
+        "token choice, loss-free expert bias (rate tuned), dropless",
         {"model.moe.router.kind": "token_choice", "model.moe.router.expert_bias": True,
          "model.moe.router.bias_update_rate": 1e-3, "model.moe.router.capacity_factor": None},
     ),
 }  # fmt: skip
 TC_VARIANTS = tuple(n for n in VARIANTS if n != EC)
+# the baselines' balancing strength, tuned for this short horizon on seed 0 (lowest final validation loss);
+# the aux coefficient chosen for tc_aux_dropless also applies to tc_aux_cf1.25
+TUNING: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
+    "aux_loss_coef": ("tc_aux_dropless", (0.001, 0.01, 0.1), ("tc_aux_cf1.25", "tc_aux_dropless")),
+    "bias_update_rate": ("tc_bias_dropless", (1e-3, 1e-2), ("tc_bias_dropless",)),
+}
 # laptop: 300 steps (150 barely leave warmup behind), evaluations every 25 steps for the time-to-loss interpolation
 LAPTOP = {"steps": 300, "eval_every": 25}
-ROUTING_COLUMNS = ("load_max_over_mean", "dropped_fraction", "zero_expert_fraction", "experts_per_token")
 
 
 def check_static_ec_flops(scale: Scale, *, allow_unmatched: bool) -> float:
@@ -154,33 +165,87 @@ def aggregate_comparisons(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(args: ExperimentArgs) -> dict:
-    check_args(args)
+    check_args(args, ("tune",))
     scale = experiment_scale(args, LAPTOP)
     ec_active = check_static_ec_flops(scale, allow_unmatched=args.allow_unmatched)
     options = {"scale": args.scale_name, "scale_values": dataclasses.asdict(scale), "corpus": args.corpus,
                "seeds": args.seeds, "steps": scale.steps, "variants": list(VARIANTS),
                "scaling_factor": args.scaling_factor}  # fmt: skip
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
+    record, started = start_record(scale.device), time.perf_counter()
     base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
+    tuning = tune_baselines(out, base) if args.extra.get("tune", True) else {}
+    variants = tuned_variants(tuning)
     runs: dict[str, list[VariantRun]] = {name: [] for name in VARIANTS}
+    controls: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for seed in range(args.seeds):  # seed-major: variants of one seed share init, data split and noise
-        for name, (_, overrides) in VARIANTS.items():
-            runs[name].append(train_variant(out, name, seed, base, overrides))
-    results = summarise(runs, scale, ec_active) | {"experiment": NAME, "options": options}
-    plots = [plot_validation(runs, out / "val_loss.png"), plot_routing(runs, out / "routing.png")]
-    results = finite(results)
-    finish_report(out, args.report_name(NAME), results, report(results), plots, args.results_doc)
-    return results
+        for name in rotated(list(VARIANTS), seed):  # no variant always first within a seed
+            trained = train_variant(out, name, seed, base, variants[name])
+            runs[name].append(trained)
+            controls[name].append(routed_experts_control(trained.run_dir) | {"seed": seed})
+    results = summarise(runs, scale, ec_active, variants) | {
+        "experiment": NAME,
+        "options": options,
+        "controls": {name: per_seed for name, per_seed in controls.items()},
+        "tuning": tuning,
+    }
+    publish(out, args.report_name(NAME), finite(results), finish_record(record, started), args.results_doc)
+    return finite(results)
 
 
-def summarise(runs: dict[str, list[VariantRun]], scale: Scale, ec_active: float) -> dict[str, Any]:
+def tune_baselines(out: Path, base: dict[str, Any]) -> dict[str, Any]:
+    """Per balancing knob, train its TC variant at each candidate value (seed 0, under
+    `runs/tune_<knob>_<value>/`) and keep the value with the lowest final validation loss."""
+    tuning = {}
+    for knob, (variant, candidates, applies_to) in TUNING.items():
+        losses = {}
+        for value in candidates:
+            overrides = VARIANTS[variant][1] | {f"model.moe.router.{knob}": value}
+            losses[repr(value)] = train_variant(out, f"tune_{knob}_{value}", 0, base, overrides).final_val_loss
+        chosen = min(candidates, key=lambda v: losses[repr(v)])
+        tuning[knob] = {"variant": variant, "final_val_loss": losses, "chosen": chosen, "applies_to": list(applies_to)}
+    return tuning
+
+
+def tuned_variants(tuning: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each variant's overrides with the tuned knob values applied."""
+    variants = {name: dict(overrides) for name, (_, overrides) in VARIANTS.items()}
+    for knob, tuned in tuning.items():
+        for name in tuned["applies_to"]:
+            variants[name][f"model.moe.router.{knob}"] = tuned["chosen"]
+    return variants
+
+
+def render(raw_dir: Path) -> Rendered:
+    """The report from the archived raw data alone: the aggregated numbers are recomputed from the
+    per-run metrics (and must equal results.json), verdicts and plots are drawn from them."""
+    results, provenance = read_raw(raw_dir)
+    archived = load_variant_runs(raw_dir)  # the tuning runs (tune_*) are reported from results.json
+    runs = {name: archived[name] for name in VARIANTS}
+    overrides = tuned_variants(results["tuning"])
+    derived = finite(summarise(runs, Scale(**results["scale"]), results["ec_active_experts_per_token"], overrides))
+    stale = sorted(key for key, value in derived.items() if results.get(key) != value)
+    if stale:
+        raise ValueError(
+            f"{raw_dir}: results.json disagrees with its per-run metrics in {stale}; re-run the experiment"
+        )
+    validation, val_series = plot_validation(runs, raw_dir / "val_loss.png")
+    routing, routing_series = plot_routing(runs, raw_dir / "routing.png")
+    markdown = report(results, provenance)
+    return Rendered(markdown, [validation, routing], {"val_loss": val_series, "routing": routing_series})
+
+
+def summarise(
+    runs: dict[str, list[VariantRun]], scale: Scale, ec_active: float, overrides: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The aggregated figures of the paired runs (`overrides`: each variant's, tuned knobs applied)."""
     variants: dict[str, Any] = {}
     for name, seed_runs in runs.items():
         per_run = [_run_record(r) for r in seed_runs]
         paired = [r.final_val_loss - e.final_val_loss for r, e in zip(seed_runs, runs[EC], strict=True)]
         variants[name] = {
             "description": VARIANTS[name][0],
-            "overrides": VARIANTS[name][1],
+            "overrides": overrides[name],
             "active_flops_per_token": seed_runs[0].rows[-1]["active_flops_per_token"],
             **{key: seed_stats([r[key] for r in per_run]) for key in ("final_val_loss", "train_s", "tokens_per_s")},
             **{key: seed_stats([r[key] for r in per_run]) for key in ROUTING_COLUMNS},
@@ -217,129 +282,3 @@ def _run_record(run: VariantRun) -> dict[str, Any]:
         **{key: run.mean(key) for key in ROUTING_COLUMNS},
         "curve": [{"step": s, "train_s": t, "val_loss": v} for s, t, v in validation_curve(run.rows)],
     }
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def report(results: dict[str, Any]) -> str:
-    scale = results["scale"]
-    head = (
-        f"Scale: dim {scale['dim']}, {scale['num_layers']} layers, E = {scale['num_experts']}, "
-        f"k = {scale['experts_per_token']}, L = {scale['seq_len']}, batch {scale['batch_size']}, "
-        f"{scale['steps']} steps; {results['options']['seeds']} seed(s), corpus `{results['options']['corpus']}`. "
-        "Values are mean ± std over seeds (seeds change initialisation, batch order and noise; the data split "
-        "is fixed by data.split_seed); Δ vs ec: paired per seed, ± its 95 % interval. Routing figures are means over "
-        "training steps; experts/token is measured (TC capacity drops lower it). "
-        "Training time excludes validation; wall-clock figures depend on the machine and its load."
-    )
-    rows = [
-        {
-            "variant": name,
-            "router": v["description"],
-            "final val loss": format_stats(v["final_val_loss"]),
-            "Δ vs ec": format_delta(v["vs_ec"]),
-            "train s": format_stats(v["train_s"], 3),
-            "tokens/s": format_stats(v["tokens_per_s"], 3),
-            "load max/mean": format_stats(v["load_max_over_mean"], 3),
-            "dropped slots": format_stats(v["dropped_fraction"], 2),
-            "tokens w/o expert": format_stats(v["zero_expert_fraction"], 2),
-            "experts/token": format_stats(v["experts_per_token"], 3),
-        }
-        for name, v in results["variants"].items()
-    ]
-    columns = list(rows[0])
-    speed = [
-        {
-            "TC variant": tc,
-            "TC final loss": format_stats(c["target_val_loss"]),
-            "TC train s": format_stats(c["tc_train_s"], 3),
-            "EC train s to that loss": format_stats(c["ec_train_s"], 3),
-            "wall-clock speedup": format_stats(c["speedup"], 3),
-            "step speedup": format_stats(c["step_speedup"], 3),
-            "seeds reached": c["reached"],
-            "note": c["reason"] or "",
-        }
-        for tc, c in results["time_to_tc_loss"].items()
-    ]
-    return (
-        f"{head}\n\n{markdown_table(rows, columns)}\n\n"
-        "Time for EC to reach each TC variant's final validation loss (speedup = TC time / EC time, > 1: EC "
-        "faster; interpolated between evaluations):\n\n"
-        f"{markdown_table(speed, list(speed[0]))}"
-    )
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _mean_curve(seed_runs: list[VariantRun]) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Mean over seeds of each evaluation's (step, seconds, loss), and the loss std (0 for one seed)."""
-    curves = [validation_curve(r.rows) for r in seed_runs]
-    n = min(len(c) for c in curves)
-    points = [[c[i] for c in curves] for i in range(n)]
-    steps = [sum(p[0] for p in pts) / len(pts) for pts in points]
-    seconds = [sum(p[1] for p in pts) / len(pts) for pts in points]
-    stats = [seed_stats([p[2] for p in pts]) for pts in points]
-    return steps, seconds, [s["mean"] for s in stats], [s["std"] or 0.0 for s in stats]
-
-
-def plot_validation(runs: dict[str, list[VariantRun]], path: Path) -> Path:
-    """Validation loss against optimizer steps and against training wall-clock (mean ± std over seeds)."""
-    plt = _pyplot()
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, seed_runs in runs.items():
-        steps, seconds, loss, std = _mean_curve(seed_runs)
-        by_step.errorbar(steps, loss, yerr=std, marker="o", ms=3, capsize=2, label=name)
-        by_time.errorbar(seconds, loss, yerr=std, marker="o", ms=3, capsize=2, label=name)
-    by_step.set_xlabel("optimizer step")
-    by_time.set_xlabel("training wall-clock (s, validation excluded)")
-    by_step.set_ylabel("validation ELBO loss (nats / token)")
-    for ax in (by_step, by_time):
-        ax.grid(alpha=0.3)
-    by_step.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
-        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
-    return out
-
-
-def plot_routing(runs: dict[str, list[VariantRun]], path: Path) -> Path:
-    """Load imbalance, dropped slots and tokens without an expert over training (seed mean, moving average)."""
-    plt = _pyplot()
-    panels = (
-        ("load_max_over_mean", "max / mean expert load"),
-        ("dropped_fraction", "dropped token-slots (TC capacity)"),
-        ("zero_expert_fraction", "tokens with no routed expert"),
-    )
-    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
-    for name, seed_runs in runs.items():
-        n = min(len(r.rows) for r in seed_runs)
-        steps = [seed_runs[0].rows[i]["step"] for i in range(n)]
-        window = max(1, n // 30)
-        for ax, (column, _) in zip(axes, panels, strict=True):
-            mean = [sum(r.rows[i][column] for r in seed_runs) / len(seed_runs) for i in range(n)]
-            ax.plot(steps, _smooth(mean, window), label=name)
-    for ax, (_, title) in zip(axes, panels, strict=True):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,14 @@ from dlmoe.experiments._fine_tune import (
 )
 from dlmoe.experiments.common import (
     check_args,
-    finish_report,
     finite,
     format_stats,
     markdown_table,
     prepare_output,
     seed_stats,
 )
+from dlmoe.experiments.provenance import finish_record, start_record
+from dlmoe.experiments.raw_data import Rendered, publish, read_raw
 from dlmoe.train.init_from import SourceRun
 
 NAME = "learning-efficiency"
@@ -134,6 +136,7 @@ def run(args: ExperimentArgs) -> dict:
     options = {"scale": args.scale_name, "corpus": args.corpus, "seeds": args.seeds, "steps": steps}
     options |= {"num_bins": num_bins, "base_run": args.base_run, "scaling_factor": args.scaling_factor}
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
+    record, started = start_record(args.scale.device), time.perf_counter()
     source, trained = base_run(
         args.base_run, out, args.scale, args.corpus, BASE_VARIANT, scaling_factor=args.scaling_factor
     )
@@ -165,10 +168,16 @@ def run(args: ExperimentArgs) -> dict:
         "elbo_before": elbo_before,
     }
     results = summarize(probes, mask_ratio_bins(num_bins), settings)
-    plots = [plot_efficiency(results, out / "efficiency.png"), plot_ce_change(results, out / "ce_change.png")]
     safe = finite(results)
-    finish_report(out, args.report_name(NAME), safe, report_markdown(results), plots, args.results_doc)
+    publish(out, args.report_name(NAME), safe, finish_record(record, started), args.results_doc)
     return safe
+
+
+def render(raw_dir: Path) -> Rendered:
+    """The report and plots from the archived results.json alone."""
+    results, _ = read_raw(raw_dir)
+    plots = [plot_efficiency(results, raw_dir / "efficiency.png"), plot_ce_change(results, raw_dir / "ce_change.png")]
+    return Rendered(report_markdown(results), plots)
 
 
 def _probe_record(

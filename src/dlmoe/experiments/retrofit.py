@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,6 @@ from dlmoe.experiments._fine_tune import (
 )
 from dlmoe.experiments.common import (
     check_args,
-    finish_report,
     finite,
     format_delta,
     format_stats,
@@ -44,6 +44,8 @@ from dlmoe.experiments.common import (
     seed_stats,
     validation_curve,
 )
+from dlmoe.experiments.provenance import finish_record, start_record
+from dlmoe.experiments.raw_data import Rendered, publish, read_raw
 from dlmoe.model.hf import DlmoeForDiffusionLM
 from dlmoe.routing.routers import Router
 from dlmoe.train.init_from import MODEL_DIR, SourceRun
@@ -139,6 +141,7 @@ def run(args: ExperimentArgs) -> dict:
     options = {"scale": args.scale_name, "corpus": args.corpus, "seeds": args.seeds, "steps": steps}
     options |= {"base_run": args.base_run, "reinit_router": reinit, "scaling_factor": args.scaling_factor}
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
+    record, started = start_record(args.scale.device), time.perf_counter()
     source, trained = base_run(
         args.base_run, out, args.scale, args.corpus, BASE_VARIANT, scaling_factor=args.scaling_factor, name="--from"
     )
@@ -167,9 +170,16 @@ def run(args: ExperimentArgs) -> dict:
         "ec_overrides": ec_router_overrides(),
     }
     results = finite({"experiment": NAME, "settings": settings, "arms": arms, "summary": summarize(arms)})
-    plots = [plot_curves(arms, out / "validation.png"), plot_costs(arms, out / "throughput_balance.png")]
-    finish_report(out, args.report_name(NAME), results, report_markdown(results), plots, args.results_doc)
+    publish(out, args.report_name(NAME), results, finish_record(record, started), args.results_doc)
     return results
+
+
+def render(raw_dir: Path) -> Rendered:
+    """The report and plots from the archived results.json alone."""
+    results, _ = read_raw(raw_dir)
+    arms = results["arms"]
+    plots = [plot_curves(arms, raw_dir / "validation.png"), plot_costs(arms, raw_dir / "throughput_balance.png")]
+    return Rendered(report_markdown(results), plots)
 
 
 def _router_fields(source: SourceRun) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Letters: B batch, L length, N = B·L tokens, D model width, S slots.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,7 @@ class MoELayer(nn.Module):
         self.router = build_router(config.router, dim)
         self.experts = Experts(config.router.num_experts, dim, config.expert_hidden, config.backend)
         self.shared_experts = SwiGLU(dim, config.shared_width) if config.shared_width else None
+        self.routed_off = False  # the routed-experts-off control (`routed_experts_off`): routed output dropped
         # EC-DLM's scaling factor: not a buffer (a pure function of the config, and transformers'
         # meta-device loading leaves non-persistent buffers uninitialised); the EC table is copied
         # once per device, so a forward reads it without a host sync
@@ -82,6 +85,8 @@ class MoELayer(nn.Module):
         rows_SD = dispatch.gather(x_ND)
         y_SD = self.experts(rows_SD, dispatch.counts, dispatch.gate, equal_counts=dispatch.equal_counts)
         out_ND = dispatch.combine(y_SD, apply_gate=False)
+        if self.routed_off:
+            out_ND = torch.zeros_like(out_ND)
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         out_BLD = out_ND.view(batch, length, dim)
@@ -107,3 +112,20 @@ class MoELayer(nn.Module):
         if device not in self._ec_tables:
             self._ec_tables[device] = self._ec_table_cpu.to(device)
         return self._ec_tables[device]
+
+
+@contextmanager
+def routed_experts_off(model: nn.Module) -> Iterator[None]:
+    """Inside the `with`, every MoE layer of `model` drops its routed experts' output (the shared
+    experts and everything else stay): the control that measures how much the routed experts
+    contribute — the validation ELBO with them off minus the ELBO with them on."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError("routed_experts_off needs a model with MoE layers; this one has none")
+    for layer in layers:
+        layer.routed_off = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.routed_off = False
