@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-slow lint bench-moe bench-inference bench-distributed results clean
+.PHONY: install demo test test-fast test-slow lint bench-moe bench-inference bench-distributed results render-results clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,7 +49,8 @@ bench-inference: $(STAMP)
 bench-distributed: $(STAMP)
 	$(BIN)/python bench/distributed.py
 
-# Regenerate docs/results.md: every paper claim at laptop scale (each ≤ 20 min on 2 CPU cores).
+# Regenerate docs/results.md: every paper claim at laptop scale on 2 CPU cores; each experiment archives its
+# raw data under docs/results/<name>/ and renders its section from there (make render-results: no training).
 # MCQ files are optional (examples: ../shared/data/benchmarks); set MCQ= to skip them.
 MCQ ?= $(wildcard ../shared/data/benchmarks/arc_easy_test.jsonl ../shared/data/benchmarks/piqa_validation.jsonl)
 results: $(STAMP)
@@ -59,6 +60,10 @@ results: $(STAMP)
 	$(BIN)/dlmoe experiment learning-efficiency --out runs/results/learning-efficiency --overwrite --results-doc docs/results.md
 	$(BIN)/dlmoe experiment retrofit --out runs/results/retrofit --overwrite --results-doc docs/results.md
 	$(BIN)/dlmoe experiment block-routing --out runs/results/block-routing --overwrite --results-doc docs/results.md $(if $(MCQ),--mcq $(MCQ),)
+
+# Re-render docs/results.md and its figures from the raw data committed under docs/results/*/ (no training).
+render-results: $(STAMP)
+	$(BIN)/dlmoe render-results --doc docs/results.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -27,7 +27,9 @@ from dlmoe.train.metrics import read_metrics
 
 @dataclass(frozen=True)
 class Scale:
-    """Model/data/training sizes of a preset. `laptop` fits the ≤ 20 min budget on 2 CPU cores."""
+    """Model/data/training sizes of a preset. `laptop` is sized for 2 CPU cores (a 300-step run takes
+    ≈ 40 s on an AVX2 EPYC core pair); its routed experts are worth < 0.3 nats of validation ELBO
+    (`bench/routed_control.py`, docs/results/routed-control/), so router comparisons at it are weak."""
 
     dim: int
     num_layers: int
