@@ -44,6 +44,7 @@ class Scale:
     eval_batches: int
     vocab_size: int
     device: str
+    shared_experts: int = 1  # always-on shared experts per MoE layer (EC-DLM's recipe has one)
 
 
 SCALES: dict[str, Scale] = {
@@ -61,6 +62,7 @@ SCALES: dict[str, Scale] = {
         eval_batches=6,
         vocab_size=2048,
         device="cpu",
+        shared_experts=0,  # with a shared expert the routed ones were worth 0.04-0.08 nats (bench/routed_control.py)
     ),  # fmt: skip
     "gpu": Scale(
         dim=512,
@@ -84,7 +86,8 @@ def scale_overrides(
     scale: Scale, run_dir: Path, corpus: str, cache_dir: Path, *, scaling_factor: bool
 ) -> dict[str, Any]:
     """Dotted overrides of a small EC-ready MoE diffusion LM at `scale` (router kind set by the variant):
-    one shared expert, z-loss 1e-3 and, with `scaling_factor`, EC-DLM's norm-matching routed-gate factor."""
+    `scale.shared_experts` shared experts, z-loss 1e-3 and, with `scaling_factor` (and shared experts, which it
+    needs), EC-DLM's norm-matching routed-gate factor."""
     return {
         "run_dir": str(run_dir),
         "data.corpus": corpus,
@@ -97,11 +100,11 @@ def scale_overrides(
         "model.max_seq_len": scale.seq_len,
         "model.dense_hidden": 2 * scale.dim,
         "model.moe.expert_hidden": scale.expert_hidden,
-        "model.moe.num_shared_experts": 1,
+        "model.moe.num_shared_experts": scale.shared_experts,
         "model.moe.router.num_experts": scale.num_experts,
         "model.moe.router.num_experts_per_tok": scale.experts_per_token,
         "model.moe.router.z_loss_coef": 1e-3,
-        "model.moe.router.scaling_factor": scaling_factor,
+        "model.moe.router.scaling_factor": scaling_factor and scale.shared_experts > 0,  # it needs shared experts
         "train.steps": scale.steps,
         "train.batch_size": scale.batch_size,
         "train.lr": 3e-3,
