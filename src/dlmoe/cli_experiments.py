@@ -22,6 +22,8 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mcq", nargs="*", default=[], help="multiple-choice jsonl files for quality (block-routing)")
     p.add_argument("--allow-unmatched", dest="allow_unmatched", action="store_true",
                    help="capacity-schedules: run schedules whose expected FLOPs differ by more than 1%%")  # fmt: skip
+    p.add_argument("--no-tune", dest="no_tune", action="store_true",
+                   help="ec-vs-tc: keep EC-DLM's balancing strengths instead of tuning them on seed 0")  # fmt: skip
     p.set_defaults(func=experiment)
 
     p = sub.add_parser("retrofit", help="swap a token-choice run's router to expert choice, fine-tune, compare")
@@ -82,7 +84,7 @@ def _args(ns: argparse.Namespace, **extra: object):
 def experiment(ns: argparse.Namespace) -> None:
     from dlmoe.experiments import experiment_runner
 
-    results = experiment_runner(ns.name)(_args(ns))
+    results = experiment_runner(ns.name)(_args(ns, **({"tune": False} if ns.no_tune else {})))
     print(json.dumps({"experiment": ns.name, "out": str(ns.out), "summary": results.get("summary", {})}))
 
 
