@@ -49,6 +49,10 @@ def _common(p: argparse.ArgumentParser, scales: dict) -> None:
     p.add_argument("--steps", type=int, help="training steps per variant (default: the scale's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
+        "--jobs", type=int, default=1,
+        help="training runs at once, each with cores/JOBS threads (results unchanged; wall-clock figures share cores)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-scaling-factor",
         dest="no_scaling_factor",
         action="store_true",
@@ -63,6 +67,7 @@ def _args(ns: argparse.Namespace, **extra: object):
     from dlmoe.experiments import ExperimentArgs
 
     check_int("--seeds", ns.seeds, low=1)
+    check_int("--jobs", ns.jobs, low=1)
     if ns.steps is not None:
         check_int("--steps", ns.steps, low=1)
     return ExperimentArgs(
@@ -78,6 +83,7 @@ def _args(ns: argparse.Namespace, **extra: object):
         mcq=tuple(getattr(ns, "mcq", ())),
         extra=dict(extra),
         scaling_factor=not ns.no_scaling_factor,
+        jobs=ns.jobs,
     )
 
 

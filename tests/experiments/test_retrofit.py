@@ -52,7 +52,7 @@ def test_output_contract(finished: tuple[Path, dict]) -> None:
     out, results = finished
     assert json.loads((out / "experiment.json").read_text())["experiment"] == "retrofit"
     saved = json.loads((out / "results.json").read_text())
-    assert saved == results and set(saved) == {"experiment", "settings", "arms", "summary"}
+    assert saved == results and set(saved) == {"experiment", "settings", "arms", "summary", "controls"}
     assert set(saved["arms"]) == {"tc", "ec"} and all(set(a[0]) == ARM_KEYS for a in saved["arms"].values())
     summary = saved["summary"]
     expected = {"val_before_swap", "val_after_swap", "swap_cost", "ec_minus_tc_final", "throughput_ratio_ec_over_tc"}
@@ -66,7 +66,20 @@ def test_output_contract(finished: tuple[Path, dict]) -> None:
         assert (out / name).stat().st_size > 1000
     assert (out / "results.md").read_text().startswith("## retrofit")
     assert (out / ec["run_dir"] / "model" / "model.safetensors").is_file()  # the retrofitted model is kept
-    assert not (out / tc["run_dir"] / "model").exists() and not list((out / "runs").glob("*/checkpoints"))
+    assert (out / tc["run_dir"] / "model").is_dir() and not list((out / "runs").glob("*/checkpoints"))
+
+
+def test_routed_experts_control_and_verdicts_are_reported(finished: tuple[Path, dict]) -> None:
+    out, results = finished
+    controls = results["controls"]
+    assert set(controls) == {"source", "tc", "ec"} and [r["seed"] for r in controls["ec"]] == [0]
+    for record in (controls["source"][0], controls["tc"][0], controls["ec"][0]):
+        assert record["routed_contribution"] == pytest.approx(record["val_elbo_routed_off"] - record["val_elbo"])
+    # the TC arm's control is measured on the model it finished with: its ELBO is the arm's final validation
+    assert controls["tc"][0]["val_elbo"] == pytest.approx(results["arms"]["tc"][0]["val_final"], rel=1e-5)
+    text = (out / "results.md").read_text()
+    assert "Routed-experts-off control" in text and "Ran on " in text
+    assert text.count("**inconclusive** — a pretrained TC DLM can be retrofitted") == 2  # one seed: no interval
 
 
 def test_only_the_router_kind_changes(finished: tuple[Path, dict]) -> None:

@@ -40,6 +40,7 @@ class ExperimentArgs:
     extra: dict[str, Any] = field(default_factory=dict)  # experiment-specific options
     # EC-DLM's scripts all pass --enable-scaling-factor with shared experts; False = the ablation
     scaling_factor: bool = True
+    jobs: int = 1  # training runs at once (dlmoe.experiments.jobs); wall-clock figures then share the cores
 
     def report_name(self, name: str) -> str:
         """The experiment's name in reports (docs/results.md sections): the ablation gets its own."""

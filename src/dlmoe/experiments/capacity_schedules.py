@@ -36,10 +36,10 @@ from dlmoe.experiments.common import (
     rotated,
     scale_overrides,
     seed_stats,
-    train_variant,
     validation_curve,
 )
-from dlmoe.experiments.controls import control_line, routed_experts_control
+from dlmoe.experiments.controls import control_line
+from dlmoe.experiments.jobs import TrainJob, run_jobs
 from dlmoe.experiments.provenance import finish_record, machine_line, start_record
 from dlmoe.experiments.raw_data import Rendered, publish, read_raw
 from dlmoe.experiments.verdicts import verdict
@@ -147,15 +147,18 @@ def run(args: ExperimentArgs) -> dict:
         "scaling_factor": args.scaling_factor,
     }
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
-    record, started = start_record(scale.device), time.perf_counter()
+    record, started = start_record(scale.device, args.jobs), time.perf_counter()
     base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
+    jobs = [  # seed-major: one seed's schedules share init, data split and noise; no schedule always first
+        TrainJob(name, seed, _variant(name, k_min, k_max))
+        for seed in range(args.seeds)
+        for name in rotated(list(schedules), seed)
+    ]
     runs: dict[str, list[VariantRun]] = {name: [] for name in schedules}
-    controls: dict[str, list[dict[str, float]]] = {}
-    for seed in range(args.seeds):  # seed-major: one seed's schedules share init, data split and validation noise
-        for name in rotated(list(schedules), seed):  # no schedule always first within a seed
-            trained = train_variant(out, name, seed, base, _variant(name, k_min, k_max))
-            runs[name].append(trained)
-            controls.setdefault(name, []).append(routed_experts_control(trained.run_dir) | {"seed": seed})
+    controls: dict[str, list[dict[str, float]]] = {name: [] for name in schedules}
+    for job, done in zip(jobs, run_jobs(out, base, jobs, workers=args.jobs), strict=True):
+        runs[job.name].append(done.run)
+        controls[job.name].append(done.control)
     results = summarise(runs, matches) | {
         "experiment": NAME,
         "options": options,

@@ -206,6 +206,9 @@ def check_args(args: Any, allowed_extra: Sequence[str] = ()) -> None:
         raise ValueError(f"seeds must be an int >= 1, got {args.seeds!r}")
     if args.steps is not None and (isinstance(args.steps, bool) or not isinstance(args.steps, int) or args.steps < 1):
         raise ValueError(f"steps must be an int >= 1 or None, got {args.steps!r}")
+    from dlmoe.experiments.jobs import check_jobs
+
+    check_jobs(args.jobs)
     unknown = sorted(set(args.extra) - set(allowed_extra))
     if unknown:
         raise ValueError(f"unknown experiment options {unknown}; allowed: {sorted(allowed_extra)}")

@@ -42,10 +42,9 @@ from dlmoe.experiments.common import (
     rotated,
     scale_overrides,
     seed_stats,
-    train_variant,
     validation_curve,
 )
-from dlmoe.experiments.controls import routed_experts_control
+from dlmoe.experiments.jobs import TrainJob, run_jobs
 from dlmoe.experiments.provenance import finish_record, start_record
 from dlmoe.experiments.raw_data import Rendered, load_variant_runs, publish, read_raw
 from dlmoe.experiments.report_ec_vs_tc import EC, ROUTING_COLUMNS, plot_routing, plot_validation, report
@@ -173,17 +172,18 @@ def run(args: ExperimentArgs) -> dict:
                "seeds": args.seeds, "steps": scale.steps, "variants": list(VARIANTS),
                "scaling_factor": args.scaling_factor}  # fmt: skip
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
-    record, started = start_record(scale.device), time.perf_counter()
+    record, started = start_record(scale.device, args.jobs), time.perf_counter()
     base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
-    tuning = tune_baselines(out, base) if args.extra.get("tune", True) else {}
+    tuning = tune_baselines(out, base, args.jobs) if args.extra.get("tune", True) else {}
     variants = tuned_variants(tuning)
+    jobs = [  # seed-major: variants of one seed share init, data split and noise; no variant always first
+        TrainJob(name, seed, variants[name]) for seed in range(args.seeds) for name in rotated(list(VARIANTS), seed)
+    ]
     runs: dict[str, list[VariantRun]] = {name: [] for name in VARIANTS}
     controls: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    for seed in range(args.seeds):  # seed-major: variants of one seed share init, data split and noise
-        for name in rotated(list(VARIANTS), seed):  # no variant always first within a seed
-            trained = train_variant(out, name, seed, base, variants[name])
-            runs[name].append(trained)
-            controls[name].append(routed_experts_control(trained.run_dir) | {"seed": seed})
+    for job, done in zip(jobs, run_jobs(out, base, jobs, workers=args.jobs), strict=True):
+        runs[job.name].append(done.run)
+        controls[job.name].append(done.control)
     results = summarise(runs, scale, ec_active, variants) | {
         "experiment": NAME,
         "options": options,
@@ -194,15 +194,19 @@ def run(args: ExperimentArgs) -> dict:
     return finite(results)
 
 
-def tune_baselines(out: Path, base: dict[str, Any]) -> dict[str, Any]:
+def tune_baselines(out: Path, base: dict[str, Any], workers: int = 1) -> dict[str, Any]:
     """Per balancing knob, train its TC variant at each candidate value (seed 0, under
     `runs/tune_<knob>_<value>/`) and keep the value with the lowest final validation loss."""
+    jobs = [
+        TrainJob(f"tune_{knob}_{value}", 0, VARIANTS[variant][1] | {f"model.moe.router.{knob}": value})
+        for knob, (variant, candidates, _) in TUNING.items()
+        for value in candidates
+    ]
+    final = {job.name: done.run.final_val_loss for job, done in
+             zip(jobs, run_jobs(out, base, jobs, workers=workers, control=False), strict=True)}  # fmt: skip
     tuning = {}
     for knob, (variant, candidates, applies_to) in TUNING.items():
-        losses = {}
-        for value in candidates:
-            overrides = VARIANTS[variant][1] | {f"model.moe.router.{knob}": value}
-            losses[repr(value)] = train_variant(out, f"tune_{knob}_{value}", 0, base, overrides).final_val_loss
+        losses = {repr(value): final[f"tune_{knob}_{value}"] for value in candidates}
         chosen = min(candidates, key=lambda v: losses[repr(v)])
         tuning[knob] = {"variant": variant, "final_val_loss": losses, "chosen": chosen, "applies_to": list(applies_to)}
     return tuning

@@ -60,10 +60,12 @@ def load_average() -> dict[str, Any]:
     return {"1m": one, "5m": five, "15m": fifteen, "cores": cores, "busy": one / cores > BUSY_LOAD_PER_CORE}
 
 
-def start_record(device: str = "cpu") -> dict[str, Any]:
-    """The provenance known when an experiment starts (the load average before it)."""
+def start_record(device: str = "cpu", jobs: int = 1) -> dict[str, Any]:
+    """The provenance known when an experiment starts (the load average before it; `jobs` training
+    runs at once, each with `threads` threads — the experiment's own load)."""
     import torch
 
+    from dlmoe.experiments.jobs import threads_per_job
     from dlmoe.precision import hardware_info, resolve_precision
 
     precision = resolve_precision("auto", device)
@@ -78,7 +80,8 @@ def start_record(device: str = "cpu") -> dict[str, Any]:
         "device": device,
         "cpu": cpu_model(),
         "gpu": gpu,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads() if jobs == 1 else threads_per_job(jobs),
+        "jobs": jobs,
         "hardware": hardware_info().as_dict(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_before": load_average(),
@@ -86,11 +89,18 @@ def start_record(device: str = "cpu") -> dict[str, Any]:
 
 
 def finish_record(record: dict[str, Any], started: float) -> dict[str, Any]:
-    """`record` completed when the experiment ends: wall time and the load average after it."""
+    """`record` completed when the experiment ends: wall time and the load average after it. The
+    1-minute average then still holds the experiment's own runs (≈ jobs × threads), so "busy" after
+    is judged on the load beyond that."""
+    after = load_average()
+    own = record.get("jobs", 1) * record.get("threads", 1)
+    if after["1m"] is not None:
+        after["own"] = own
+        after["busy"] = max(after["1m"] - own, 0.0) / after["cores"] > BUSY_LOAD_PER_CORE
     return record | {
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": round(time.perf_counter() - started, 1),
-        "load_after": load_average(),
+        "load_after": after,
     }
 
 
@@ -101,10 +111,16 @@ def machine_line(record: dict[str, Any]) -> str:
     git = record.get("git") or {}
     commit = (git.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
     load = f"load average {_load(before)} before, {_load(after)} after on {before.get('cores', '?')} cores"
+    if after.get("own") is not None:
+        load += f" (≈ {after['own']} of it this experiment's own runs)"
     warning = " — **the machine was not idle: wall-clock figures are inflated and noisy**" if busy else ""
+    jobs = record.get("jobs", 1)
+    threads = f"{record.get('threads', '?')} threads"
+    if jobs > 1:
+        threads = f"{jobs} runs at once with {threads} each (wall-clock figures are per run on shared cores)"
     return (
         f"Ran on {record.get('cpu', '?')}{' + ' + record['gpu'] if record.get('gpu') else ''}, "
-        f"{record.get('threads', '?')} threads, {record.get('dtype', '?')}, torch {record.get('torch', '?')}, "
+        f"{threads}, {record.get('dtype', '?')}, torch {record.get('torch', '?')}, "
         f"commit {commit}; {load}{warning}; {record.get('wall_s', '?')} s in all."
     )
 

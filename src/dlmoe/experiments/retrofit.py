@@ -14,6 +14,7 @@ along the fine-tune: validation ELBO per step and per training second, tokens/s,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -35,17 +36,21 @@ from dlmoe.experiments._fine_tune import (
     run_probe,
 )
 from dlmoe.experiments.common import (
+    Scale,
     check_args,
     finite,
     format_delta,
     format_stats,
     markdown_table,
     prepare_output,
+    rotated,
     seed_stats,
     validation_curve,
 )
-from dlmoe.experiments.provenance import finish_record, start_record
+from dlmoe.experiments.controls import control_line, routed_experts_control
+from dlmoe.experiments.provenance import finish_record, machine_line, start_record
 from dlmoe.experiments.raw_data import Rendered, publish, read_raw
+from dlmoe.experiments.verdicts import Verdict, verdict
 from dlmoe.model.hf import DlmoeForDiffusionLM
 from dlmoe.routing.routers import Router
 from dlmoe.train.init_from import MODEL_DIR, SourceRun
@@ -67,6 +72,8 @@ TC_ONLY = (
 )
 ROUTER_INIT_STD = 0.02  # what Router.__init__ draws W_r with
 EXTRA_KEYS = ("reinit_router",)
+LAPTOP_BASE = {"steps": 1200, "eval_every": 100}  # the source: long enough that routed experts matter
+LAPTOP_ARM_STEPS = 300  # fine-tuning steps per arm at the laptop preset
 MEASURES = ("load_max_over_mean", "dropped_fraction", "zero_expert_fraction", "experts_per_token")
 _ARM_KEYS = ("val_at_start", "val_final", "tokens_per_s", "step_s", "train_s", *MEASURES)  # per-arm summary
 
@@ -119,9 +126,15 @@ def start_arm(
     return trainer
 
 
-def default_steps(steps_of_scale: int) -> int:
-    """Fine-tuning steps per arm when --steps is not given: the scale's training steps."""
-    return steps_of_scale
+def default_steps(scale_name: str, steps_of_scale: int) -> int:
+    """Fine-tuning steps per arm when --steps is not given: LAPTOP_ARM_STEPS at the laptop preset,
+    else the scale's training steps."""
+    return LAPTOP_ARM_STEPS if scale_name == "laptop" else steps_of_scale
+
+
+def base_scale(args: ExperimentArgs) -> Scale:
+    """The scale the TC source is trained at when --from is not given (LAPTOP_BASE at laptop)."""
+    return dataclasses.replace(args.scale, **LAPTOP_BASE) if args.scale_name == "laptop" else args.scale
 
 
 def _check(args: ExperimentArgs) -> tuple[int, bool]:
@@ -129,7 +142,7 @@ def _check(args: ExperimentArgs) -> tuple[int, bool]:
     reinit = args.extra.get("reinit_router", False)
     if not isinstance(reinit, bool):
         raise ValueError(f"reinit_router must be true or false, got {reinit!r}")
-    steps = default_steps(args.scale.steps) if args.steps is None else args.steps
+    steps = default_steps(args.scale_name, args.scale.steps) if args.steps is None else args.steps
     return steps, reinit
 
 
@@ -141,22 +154,26 @@ def run(args: ExperimentArgs) -> dict:
     options = {"scale": args.scale_name, "corpus": args.corpus, "seeds": args.seeds, "steps": steps}
     options |= {"base_run": args.base_run, "reinit_router": reinit, "scaling_factor": args.scaling_factor}
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
-    record, started = start_record(args.scale.device), time.perf_counter()
+    record, started = start_record(args.scale.device, args.jobs), time.perf_counter()
     source, trained = base_run(
-        args.base_run, out, args.scale, args.corpus, BASE_VARIANT, scaling_factor=args.scaling_factor, name="--from"
-    )
+        args.base_run, out, base_scale(args), args.corpus, BASE_VARIANT, scaling_factor=args.scaling_factor,
+        name="--from",
+    )  # fmt: skip
     lr = source.config.train.lr * source.config.train.min_lr_ratio
     shared = probe_overrides(args.scale, steps, lr, eval_every=min(args.scale.eval_every, steps))
     saved = router_weights(DlmoeForDiffusionLM.from_pretrained(source.path / MODEL_DIR))
     arms: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    controls: dict[str, list[dict[str, Any]]] = {"source": [routed_experts_control(source.path) | {"seed": None}]}
+    controls |= {arm: [] for arm in ARMS}
     for replicate in range(args.seeds):
-        for arm in ARMS:
+        for arm in rotated(ARMS, replicate):  # neither arm always runs first
             run_dir = out / "runs" / f"{arm}_seed{replicate}"
             trainer = start_arm(source, run_dir, arm, replicate, shared, reinit_router=reinit)
             now = router_weights(trainer.model)
             kept = now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
-            result = run_probe(trainer, measure_before=True, keep_model=arm == "ec")  # the retrofitted model
+            result = run_probe(trainer, measure_before=True, keep_model=True)  # model/ for the control
             arms[arm].append(_arm_record(result, kept, out))
+            controls[arm].append(routed_experts_control(run_dir) | {"seed": replicate})
     settings = {
         "source": str(source.path),
         "source_trained_here": trained,
@@ -169,17 +186,48 @@ def run(args: ExperimentArgs) -> dict:
         "tc_router": _router_fields(source),
         "ec_overrides": ec_router_overrides(),
     }
-    results = finite({"experiment": NAME, "settings": settings, "arms": arms, "summary": summarize(arms)})
+    results = {"experiment": NAME, "settings": settings, "arms": arms, "summary": summarize(arms), "controls": controls}
+    results = finite(results)
     publish(out, args.report_name(NAME), results, finish_record(record, started), args.results_doc)
     return results
 
 
 def render(raw_dir: Path) -> Rendered:
     """The report and plots from the archived results.json alone."""
-    results, _ = read_raw(raw_dir)
+    results, provenance = read_raw(raw_dir)
     arms = results["arms"]
     plots = [plot_curves(arms, raw_dir / "validation.png"), plot_costs(arms, raw_dir / "throughput_balance.png")]
-    return Rendered(report_markdown(results), plots)
+    series = {
+        "validation": {f"{arm} seed {r['seed']}": r["curve"] for arm in ARMS for r in arms[arm]},
+        "throughput_balance": {
+            key: {f"{arm} s{r['seed']}": r[key] for arm in ARMS for r in arms[arm]}
+            for key in ("tokens_per_s", "load_max_over_mean")
+        },
+    }
+    markdown = "\n\n".join([machine_line(provenance), control_line(results), report_markdown(results)])
+    return Rendered(markdown, plots, series)
+
+
+NON_INFERIORITY = 0.01  # "can be retrofitted": EC ends no more than 1 % of TC's final loss above it
+
+
+def verdicts(arms: dict[str, list[dict[str, Any]]]) -> list[Verdict]:
+    """EC-DLM's retrofit claim, paired per seed: (1) the retrofit is no worse than continued TC
+    (non-inferiority within NON_INFERIORITY of TC's loss); (2) EC's advantage carries over (EC lower)."""
+    pairs = list(zip(arms["tc"], arms["ec"], strict=True))
+    claim = "a pretrained TC DLM can be retrofitted to EC by replacing only the router"
+    return [
+        verdict(
+            f"{claim} (no worse than continuing TC)",
+            f"TC final − EC final + {NON_INFERIORITY:.0%} of TC final (> 0: EC within the margin)",
+            [t["val_final"] * (1 + NON_INFERIORITY) - e["val_final"] for t, e in pairs],
+        ),
+        verdict(
+            f"{claim}, and then trains better than TC",
+            "TC final − EC final (> 0: EC better)",
+            [t["val_final"] - e["val_final"] for t, e in pairs],
+        ),
+    ]
 
 
 def _router_fields(source: SourceRun) -> dict[str, Any]:
@@ -261,7 +309,10 @@ def report_markdown(results: dict[str, Any]) -> str:
             f"- Final EC − TC: {format_delta(summary['ec_minus_tc_final'])} "
             "(± 95 % CI over seeds; negative: the retrofit is better).",
             f"- First EC evaluation at or below TC's final loss, step per seed: {catch}.",
-            f"- Throughput EC / TC: {format_stats({'mean': summary['throughput_ratio_ec_over_tc'], 'std': None}, 3)}.",
+            f"- Throughput EC / TC: {format_stats({'mean': summary['throughput_ratio_ec_over_tc'], 'std': None}, 3)} "
+            "(wall-clock, this machine).",
+            "",
+            *[f"- {v.line()}" for v in verdicts(results["arms"])],
         ]
     )
 
