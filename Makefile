@@ -49,17 +49,13 @@ bench-inference: $(STAMP)
 bench-distributed: $(STAMP)
 	$(BIN)/python bench/distributed.py
 
-# Regenerate docs/results.md: every paper claim at laptop scale on 2 CPU cores; each experiment archives its
-# raw data under docs/results/<name>/ and renders its section from there (make render-results: no training).
-# MCQ files are optional (examples: ../shared/data/benchmarks); set MCQ= to skip them.
-MCQ ?= $(wildcard ../shared/data/benchmarks/arc_easy_test.jsonl ../shared/data/benchmarks/piqa_validation.jsonl)
+# Regenerate docs/results.md: every paper claim at laptop scale on 2 CPU cores (the suite and its options:
+# src/dlmoe/experiments/suite.py). It prints the planned steps and the expected time (measured on this machine
+# by a short calibration) before it starts; each experiment archives its raw data under docs/results/<name>/ and
+# renders its section from there (make render-results: no training). JOBS=2: two training runs at once.
+JOBS ?= 1
 results: $(STAMP)
-	$(BIN)/dlmoe experiment ec-vs-tc --out runs/results/ec-vs-tc --overwrite --results-doc docs/results.md
-	$(BIN)/dlmoe experiment ec-vs-tc --no-scaling-factor --out runs/results/ec-vs-tc-no-scaling-factor --overwrite --results-doc docs/results.md
-	$(BIN)/dlmoe experiment capacity-schedules --out runs/results/capacity-schedules --overwrite --results-doc docs/results.md
-	$(BIN)/dlmoe experiment learning-efficiency --out runs/results/learning-efficiency --overwrite --results-doc docs/results.md
-	$(BIN)/dlmoe experiment retrofit --out runs/results/retrofit --overwrite --results-doc docs/results.md
-	$(BIN)/dlmoe experiment block-routing --out runs/results/block-routing --overwrite --results-doc docs/results.md $(if $(MCQ),--mcq $(MCQ),)
+	$(BIN)/dlmoe results --jobs $(JOBS) --out runs/results --doc docs/results.md
 
 # Re-render docs/results.md and its figures from the raw data committed under docs/results/*/ (no training).
 render-results: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from dlmoe._checks import check_int
@@ -22,6 +23,9 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mcq", nargs="*", default=[], help="multiple-choice jsonl files for quality (block-routing)")
     p.add_argument("--allow-unmatched", dest="allow_unmatched", action="store_true",
                    help="capacity-schedules: run schedules whose expected FLOPs differ by more than 1%%")  # fmt: skip
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an experiment-specific option (YAML value; e.g. guard=8 for block-routing, "
+                        "prompts=16 for capacity-policy, num_bins=4 for learning-efficiency); repeatable")  # fmt: skip
     p.add_argument("--no-tune", dest="no_tune", action="store_true",
                    help="ec-vs-tc: keep EC-DLM's balancing strengths instead of tuning them on seed 0")  # fmt: skip
     p.set_defaults(func=experiment)
@@ -31,6 +35,19 @@ def add_experiment_parsers(sub: argparse._SubParsersAction) -> None:
     _common(p, SCALES)
     p.add_argument("--reinit-router", dest="reinit_router", action="store_true", help="re-initialise router weights")
     p.set_defaults(func=retrofit, name="retrofit")
+
+    p = sub.add_parser(
+        "results",
+        help="run the results suite behind docs/results.md (prints the expected time first; --plan: only that)",
+    )
+    p.add_argument("--only", nargs="*", default=[], help="only these suite experiments")
+    p.add_argument("--plan", action="store_true", help="print the planned steps and expected time, run nothing")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="skip the timing calibration (steps only, no minutes)")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once (see dlmoe experiment --jobs)")
+    p.add_argument("--out", default="runs/results", help="where the runs go (one folder per experiment)")
+    p.add_argument("--doc", default="docs/results.md", help="the results document its sections go to")
+    p.set_defaults(func=results_suite)
 
     p = sub.add_parser(
         "render-results",
@@ -87,10 +104,24 @@ def _args(ns: argparse.Namespace, **extra: object):
     )
 
 
+def parse_options(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` pairs → {key: YAML-parsed value}; the experiment refuses keys it does not know."""
+    from omegaconf import OmegaConf
+
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE with KEY an identifier (e.g. guard=8)")
+        options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]))[key]
+    return options
+
+
 def experiment(ns: argparse.Namespace) -> None:
     from dlmoe.experiments import experiment_runner
 
-    results = experiment_runner(ns.name)(_args(ns, **({"tune": False} if ns.no_tune else {})))
+    extra = parse_options(ns.options) | ({"tune": False} if ns.no_tune else {})
+    results = experiment_runner(ns.name)(_args(ns, **extra))
     print(json.dumps({"experiment": ns.name, "out": str(ns.out), "summary": results.get("summary", {})}))
 
 
@@ -99,6 +130,25 @@ def retrofit(ns: argparse.Namespace) -> None:
 
     results = experiment_runner("retrofit")(_args(ns, reinit_router=ns.reinit_router))
     print(json.dumps({"experiment": "retrofit", "out": str(ns.out), "summary": results.get("summary", {})}))
+
+
+def results_suite(ns: argparse.Namespace) -> None:
+    from dlmoe.experiments import experiment_runner
+    from dlmoe.experiments.jobs import check_jobs
+    from dlmoe.experiments.suite import plan, plan_lines, seconds_per_step, suite_args
+
+    check_jobs(ns.jobs)
+    entries = suite_args(Path(ns.out), ns.doc, ns.jobs, ns.only)
+    step_s = seconds_per_step(ns.jobs) if ns.calibrate else None
+    plans = [plan(name, args, step_s) for name, args in entries]
+    print("\n".join(plan_lines(plans, step_s, ns.jobs)), flush=True)
+    if ns.plan:
+        return
+    for (name, args), planned in zip(entries, plans, strict=True):
+        started = time.perf_counter()
+        experiment_runner(name)(args)
+        expected = "" if planned.minutes is None else f" (expected ≈ {planned.minutes:.0f})"
+        print(f"{name}: {(time.perf_counter() - started) / 60:.1f} min{expected}", flush=True)
 
 
 def render_results(ns: argparse.Namespace) -> None:

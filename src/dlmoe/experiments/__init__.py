@@ -20,6 +20,7 @@ EXPERIMENTS: dict[str, str] = {
     "learning-efficiency": "dlmoe.experiments.learning_efficiency",
     "block-routing": "dlmoe.experiments.block_routing",
     "retrofit": "dlmoe.experiments.retrofit",
+    "capacity-policy": "dlmoe.experiments.capacity_policy",
 }
 
 

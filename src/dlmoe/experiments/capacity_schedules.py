@@ -124,6 +124,12 @@ def _variant(name: str, k_min: int, k_max: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run
 
 
+def planned_steps(args: ExperimentArgs) -> dict[str, int]:
+    """Optimizer steps this experiment will train with `args` (dlmoe.experiments.suite)."""
+    schedules = select_schedules(args.extra.get("schedules"), allow_unmatched=args.allow_unmatched)
+    return {"schedules": len(schedules) * args.seeds * experiment_scale(args, LAPTOP).steps}
+
+
 def run(args: ExperimentArgs) -> dict:
     check_args(args, EXTRA)
     scale = experiment_scale(args, LAPTOP)

@@ -164,6 +164,13 @@ def aggregate_comparisons(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run
 
 
+def planned_steps(args: ExperimentArgs) -> dict[str, int]:
+    """Optimizer steps this experiment will train with `args` (dlmoe.experiments.suite)."""
+    steps = experiment_scale(args, LAPTOP).steps
+    tuning = sum(len(candidates) for _, candidates, _ in TUNING.values()) if args.extra.get("tune", True) else 0
+    return {"tuning": tuning * steps, "variants": len(VARIANTS) * args.seeds * steps}
+
+
 def run(args: ExperimentArgs) -> dict:
     check_args(args, ("tune",))
     scale = experiment_scale(args, LAPTOP)

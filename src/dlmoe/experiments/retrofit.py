@@ -146,6 +146,12 @@ def _check(args: ExperimentArgs) -> tuple[int, bool]:
     return steps, reinit
 
 
+def planned_steps(args: ExperimentArgs) -> dict[str, int]:
+    """Optimizer steps this experiment will train with `args` (dlmoe.experiments.suite)."""
+    steps = default_steps(args.scale_name, args.scale.steps) if args.steps is None else args.steps
+    return {"source": 0 if args.base_run else base_scale(args).steps, "arms": len(ARMS) * args.seeds * steps}
+
+
 def run(args: ExperimentArgs) -> dict:
     """Retrofit (or train, then retrofit) a TC run; write results.json, plots and results.md into args.out."""
     steps, reinit = _check(args)

@@ -33,6 +33,7 @@ class Verdict:
     seeds: int
     verdict: str
     seeds_needed: int | None  # for an inconclusive claim; None: the effect is too small to resolve
+    unit: str = "seeds"  # what one paired difference is (seeds, prompts, held-out batches, ...)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,10 +41,11 @@ class Verdict:
     def line(self) -> str:
         """The report's line: claim, verdict, the interval, and what would resolve it."""
         interval = f"{self.mean:+.3g}" + ("" if self.ci95 is None else f" ± {self.ci95:.2g}")
-        text = f"**{self.verdict}** — {self.claim}: {self.measure} = {interval} (95 % t-interval, {self.seeds} seeds)"
+        count = f"{self.seeds} {self.unit}"
+        text = f"**{self.verdict}** — {self.claim}: {self.measure} = {interval} (95 % t-interval, {count})"
         if self.verdict == INCONCLUSIVE:
             if self.seeds_needed is not None:
-                text += f"; ≈ {self.seeds_needed} seeds would resolve the effect as measured"
+                text += f"; ≈ {self.seeds_needed} {self.unit} would resolve the effect as measured"
             else:
                 text += "; the measured effect is too small to resolve with any practical number of seeds"
         return text
@@ -63,8 +65,10 @@ def seeds_needed(mean: float, std: float | None) -> int | None:
     return None
 
 
-def verdict(claim: str, measure: str, differences: Sequence[float], *, predicted_sign: int = 1) -> Verdict:
-    """The verdict on `claim` from paired `differences` (one per seed); `predicted_sign` +1 or −1."""
+def verdict(
+    claim: str, measure: str, differences: Sequence[float], *, predicted_sign: int = 1, unit: str = "seeds"
+) -> Verdict:
+    """The verdict on `claim` from paired `differences` (one per `unit`, e.g. per seed); `predicted_sign` ±1."""
     if predicted_sign not in (1, -1):
         raise ValueError(f"predicted_sign must be +1 or -1, got {predicted_sign!r}")
     values = [float(v) for v in differences if v is not None and math.isfinite(float(v))]
@@ -81,4 +85,4 @@ def verdict(claim: str, measure: str, differences: Sequence[float], *, predicted
     else:
         outcome = INCONCLUSIVE
     needed = seeds_needed(mean, stats["std"]) if outcome == INCONCLUSIVE else None
-    return Verdict(claim, measure, mean, ci, len(values), outcome, needed)
+    return Verdict(claim, measure, mean, ci, len(values), outcome, needed, unit)
