@@ -126,6 +126,13 @@ def test_output_folder_contract(cli_run):
     assert set(results["tuning"]) == {"aux_loss_coef", "bias_update_rate"}  # the baselines' short-horizon sweep
     assert results["tuning"]["aux_loss_coef"]["chosen"] in (0.001, 0.01, 0.1)
     assert "Baselines tuned for this horizon" in text
+    for knob, variant in (("aux_loss_coef", "tc_aux_dropless"), ("bias_update_rate", "tc_bias_dropless")):
+        # the chosen value's tuning run is the tuned variant's seed 0 (same overrides and seed): not trained twice
+        chosen = raw / "runs" / f"tune_{knob}_{results['tuning'][knob]['chosen']}" / "seed0" / "metrics.csv"
+        assert (raw / "runs" / variant / "seed0" / "metrics.csv").read_bytes() == chosen.read_bytes()
+    assert json.loads((raw / "runs" / "tc_aux_cf1.25" / "seed0" / "config.json").read_text())["run_dir"].endswith(
+        "tc_aux_cf1.25/seed0"
+    )  # trained for itself
     # the section is a function of the archived files alone: re-rendering gives the same text and series
     series = json.loads((raw / "plots.json").read_text())
     assert render_doc(doc) == ["ec-vs-tc"] and doc.read_text() == text

@@ -24,7 +24,9 @@ Training time is Σ step time (metrics.csv `step_s`): validation and checkpoints
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,13 +40,15 @@ from dlmoe.experiments.common import (
     check_args,
     experiment_scale,
     finite,
+    metrics_rows,
     prepare_output,
     rotated,
     scale_overrides,
     seed_stats,
     validation_curve,
 )
-from dlmoe.experiments.jobs import TrainJob, run_jobs
+from dlmoe.experiments.controls import routed_experts_control
+from dlmoe.experiments.jobs import JobResult, TrainJob, run_jobs
 from dlmoe.experiments.provenance import finish_record, start_record
 from dlmoe.experiments.raw_data import Rendered, load_variant_runs, publish, read_raw
 from dlmoe.experiments.report_ec_vs_tc import EC, ROUTING_COLUMNS, plot_routing, plot_validation, report
@@ -168,7 +172,8 @@ def planned_steps(args: ExperimentArgs) -> dict[str, int]:
     """Optimizer steps this experiment will train with `args` (dlmoe.experiments.suite)."""
     steps = experiment_scale(args, LAPTOP).steps
     tuning = sum(len(candidates) for _, candidates, _ in TUNING.values()) if args.extra.get("tune", True) else 0
-    return {"tuning": tuning * steps, "variants": len(VARIANTS) * args.seeds * steps}
+    reused = len(TUNING) if tuning else 0  # the chosen values' tuning runs are the tuned variants' seed 0
+    return {"tuning": tuning * steps, "variants": (len(VARIANTS) * args.seeds - reused) * steps}
 
 
 def run(args: ExperimentArgs) -> dict:
@@ -186,11 +191,16 @@ def run(args: ExperimentArgs) -> dict:
     jobs = [  # seed-major: variants of one seed share init, data split and noise; no variant always first
         TrainJob(name, seed, variants[name]) for seed in range(args.seeds) for name in rotated(list(VARIANTS), seed)
     ]
+    reused = reusable_tuning_runs(tuning, variants)
+    pending = [job for job in jobs if not (job.seed == 0 and job.name in reused)]
+    finished = {(job.name, job.seed): done for job, done in
+                zip(pending, run_jobs(out, base, pending, workers=args.jobs), strict=True)}  # fmt: skip
+    finished |= {(name, 0): adopt_run(out, tune_name, name) for name, tune_name in reused.items()}
     runs: dict[str, list[VariantRun]] = {name: [] for name in VARIANTS}
     controls: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    for job, done in zip(jobs, run_jobs(out, base, jobs, workers=args.jobs), strict=True):
-        runs[job.name].append(done.run)
-        controls[job.name].append(done.control)
+    for job in jobs:
+        runs[job.name].append(finished[job.name, job.seed].run)
+        controls[job.name].append(finished[job.name, job.seed].control)
     results = summarise(runs, scale, ec_active, variants) | {
         "experiment": NAME,
         "options": options,
@@ -217,6 +227,26 @@ def tune_baselines(out: Path, base: dict[str, Any], workers: int = 1) -> dict[st
         chosen = min(candidates, key=lambda v: losses[repr(v)])
         tuning[knob] = {"variant": variant, "final_val_loss": losses, "chosen": chosen, "applies_to": list(applies_to)}
     return tuning
+
+
+def reusable_tuning_runs(tuning: dict[str, Any], variants: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """{variant: tuning run} where the tuning run of the chosen value is that variant's seed-0 run: the
+    same overrides and seed, so training it again would only repeat it."""
+    reused = {}
+    for knob, tuned in tuning.items():
+        name = tuned["variant"]
+        if variants[name] == VARIANTS[name][1] | {f"model.moe.router.{knob}": tuned["chosen"]}:
+            reused[name] = f"tune_{knob}_{tuned['chosen']}"
+    return reused
+
+
+def adopt_run(out: Path, source: str, name: str) -> JobResult:
+    """Copy the finished run `source`/seed0 to `name`/seed0 and measure its routed-experts-off control."""
+    target = out / "runs" / name / "seed0"
+    shutil.copytree(out / "runs" / source / "seed0", target)
+    bins = json.loads((target / "val_bins.json").read_text())["bins"]
+    run = VariantRun(name, 0, target, metrics_rows(target), bins)
+    return JobResult(run, routed_experts_control(target) | {"seed": 0})
 
 
 def tuned_variants(tuning: dict[str, Any]) -> dict[str, dict[str, Any]]:
