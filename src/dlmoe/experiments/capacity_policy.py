@@ -44,7 +44,7 @@ from dlmoe.sampling.config import CapacityPolicy, SamplerConfig
 NAME = "capacity-policy"
 STATIC = "constant"  # a static k is the policy constant on [k, k]
 BASE_VARIANT = {"model.moe.router.kind": "expert_choice"}
-# laptop: 1200 steps (the routed experts are worth ≈ 0.28 nats there, 0.00 at 300: bench/routed_control.py)
+# laptop: 1200 steps (the routed experts are worth ≈ 0.43 nats there, 0.00 at 300: bench/routed_control.py)
 LAPTOP = {"steps": 1200, "eval_every": 300}
 SCHEDULES = ("linear", "linear_reverse", "cosine", "cosine_reverse", "gaussian", "gaussian_reverse")
 DEFAULTS: dict[str, Any] = {"prompts": 32, "prompt_length": 32, "gen_length": 64, "block_length": 32, "mc_num": 16}

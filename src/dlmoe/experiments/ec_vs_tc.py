@@ -80,8 +80,8 @@ TUNING: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
     "aux_loss_coef": ("tc_aux_dropless", (0.001, 0.01, 0.1), ("tc_aux_cf1.25", "tc_aux_dropless")),
     "bias_update_rate": ("tc_bias_dropless", (1e-3, 1e-2), ("tc_bias_dropless",)),
 }
-# laptop: 1200 steps (at 300 the routed experts were worth 0.00 nats, at 1200 0.28: bench/routed_control.py),
-# evaluations every 100 steps for the time-to-loss interpolation
+# laptop: 1200 steps (at 300 the routed experts were worth 0.00 nats, at 1200 0.43 with the preset's k = 4:
+# bench/routed_control.py), evaluations every 100 steps for the time-to-loss interpolation
 LAPTOP = {"steps": 1200, "eval_every": 100}
 
 

@@ -55,7 +55,7 @@ HEADLINE = "per_masked_token"  # ΔELBO on the whole held-out set per masked tra
 CLAIM_FACTOR = 10.0  # "an order of magnitude"
 PER_MILLION = 1e6  # verdict differences in nats per 1M masked training tokens (readable numbers)
 EXTRA_KEYS = ("num_bins",)
-# laptop: the base trains 1200 steps (its routed experts were worth 0.00 nats at 300 steps, 0.28 at 1200:
+# laptop: the base trains 1200 steps (its routed experts were worth 0.00 nats at 300 steps, 0.43 at 1200:
 # bench/routed_control.py) and V holds 32 batches (512 rows, of 758), so that the few masked tokens of the
 # low-mask-ratio validation bins number in the hundreds
 LAPTOP_BASE = {"steps": 1200, "eval_every": 100, "eval_batches": 32}
