@@ -9,6 +9,7 @@ from dlmoe.experiments.capacity_schedules import (
     STATIC,
     default_k_range,
     match_schedules,
+    planned_steps,
     run,
     select_schedules,
 )
@@ -120,3 +121,36 @@ def test_end_to_end_two_seeds_then_overwrite(tiny_scale, corpus, tmp_path):
     assert second.count("<!-- /experiment:capacity-schedules -->") == 1
     assert "1 seed(s)" in second and "2 seed(s)" not in second
     assert json.loads((out / "results.json").read_text())["options"]["seeds"] == 1
+
+
+def test_screen_then_headline_on_fresh_seeds(tiny_scale, corpus, tmp_path):
+    """Seed 0 screens every schedule; seeds 1..N compare static, linear_reverse and the screen's best other."""
+    out, doc = tmp_path / "out", tmp_path / "docs" / "results.md"
+    extra = {"schedules": ["linear_reverse", "linear", "cosine_reverse"], "screen": True}
+    args = make_args(out, corpus, seeds=2, results_doc=str(doc), extra=extra)
+    results = run(args)
+    screen = results["screen"]
+    assert set(screen["final_val_loss"]) == {STATIC, "linear_reverse", "linear", "cosine_reverse"}
+    others = {n: v for n, v in screen["final_val_loss"].items() if n not in (STATIC, "linear_reverse")}
+    assert screen["best_other"] == min(others, key=others.get)
+    assert set(results["schedules"]) == {STATIC, "linear_reverse", screen["best_other"]}
+    for s in results["schedules"].values():
+        assert [r["seed"] for r in s["runs"]] == [1, 2]  # the screen's seed is not reused
+    trained = sorted(p.parent.relative_to(out / "runs") for p in (out / "runs").rglob("metrics.csv"))
+    assert len(trained) == 4 + 3 * 2 and sum(planned_steps(args).values()) == len(trained) * tiny_scale.steps
+    text = doc.read_text()
+    assert "Screen (seed 0, every FLOPs-matched schedule once)" in text
+    assert "linear_reverse consistently achieves the best performance under matched FLOPs" in text
+    series = json.loads((doc.parent / "results" / "capacity-schedules" / "plots.json").read_text())
+    bins = series["per_bin_loss"]
+    assert set(bins) == set(results["schedules"]) and len({b["colour"] for b in bins.values()}) == len(bins)
+    for name, drawn in bins.items():  # each line is the schedule it is labelled with
+        assert drawn["ce"] == [b["ce"]["mean"] for b in results["schedules"][name]["bins"]]
+
+
+def test_screen_option_checked_before_writing(tiny_scale, corpus, tmp_path):
+    with pytest.raises(ValueError, match="screen must be true or false"):
+        run(make_args(tmp_path / "out", corpus, extra={"screen": "yes"}))
+    with pytest.raises(ValueError, match="a screen needs"):
+        run(make_args(tmp_path / "out", corpus, extra={"schedules": ["linear"], "screen": True}))
+    assert not (tmp_path / "out").exists()

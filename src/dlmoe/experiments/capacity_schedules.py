@@ -29,20 +29,16 @@ from dlmoe.experiments.common import (
     check_args,
     experiment_scale,
     finite,
-    format_delta,
-    format_stats,
-    markdown_table,
     prepare_output,
     rotated,
     scale_overrides,
     seed_stats,
     validation_curve,
 )
-from dlmoe.experiments.controls import control_line
 from dlmoe.experiments.jobs import TrainJob, run_jobs
-from dlmoe.experiments.provenance import finish_record, machine_line, start_record
+from dlmoe.experiments.provenance import finish_record, start_record
 from dlmoe.experiments.raw_data import Rendered, publish, read_raw
-from dlmoe.experiments.verdicts import verdict
+from dlmoe.experiments.report_capacity_schedules import plot_bins, plot_final, report
 from dlmoe.routing.schedules import SCHEDULE_NAMES, FlopsMatch, expected_k, flops_match
 
 NAME = "capacity-schedules"
@@ -51,7 +47,9 @@ UNMATCHED = ("bell",)  # not FLOPs-matched by design: run only with allow_unmatc
 TOLERANCE = 0.01
 # laptop: k = 4 so the range [2, 6] leaves the schedules room; 300 steps; more validation for the per-bin CE
 LAPTOP = {"steps": 1200, "eval_every": 100, "eval_batches": 12}  # routed experts worth 0.43 nats at 1200 steps
-EXTRA = ("schedules", "k_min", "k_max")  # args.extra: a subset of schedules, an explicit k range
+EXTRA = ("schedules", "k_min", "k_max", "screen")
+BEST = "best"  # the headline's third schedule: the screen's best other than static and linear_reverse
+HEADLINE = (STATIC, "linear_reverse", BEST)  # args.extra: a subset of schedules, an explicit k range
 
 
 def default_k_range(k: int, num_experts: int) -> tuple[int, int]:
@@ -124,10 +122,25 @@ def _variant(name: str, k_min: int, k_max: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run
 
 
+def _plan(args: ExperimentArgs) -> tuple[list[str], bool]:
+    """(the schedules the first stage trains, whether it is a screen). Without an explicit `schedules`
+    option the experiment screens: seed 0 trains every FLOPs-matched schedule once, then seeds 1 … N
+    train static, linear_reverse and the best other schedule of the screen — chosen on seed 0 and
+    compared on fresh seeds, so the choice does not bias the comparison."""
+    requested = args.extra.get("schedules")
+    screen = args.extra.get("screen", requested is None)
+    if not isinstance(screen, bool):
+        raise ValueError(f"screen must be true or false, got {screen!r}")
+    return select_schedules(requested, allow_unmatched=args.allow_unmatched), screen
+
+
 def planned_steps(args: ExperimentArgs) -> dict[str, int]:
     """Optimizer steps this experiment will train with `args` (dlmoe.experiments.suite)."""
-    schedules = select_schedules(args.extra.get("schedules"), allow_unmatched=args.allow_unmatched)
-    return {"schedules": len(schedules) * args.seeds * experiment_scale(args, LAPTOP).steps}
+    schedules, screen = _plan(args)
+    steps = experiment_scale(args, LAPTOP).steps
+    if screen:
+        return {"screen": len(schedules) * steps, "headline": len(HEADLINE) * args.seeds * steps}
+    return {"schedules": len(schedules) * args.seeds * steps}
 
 
 def run(args: ExperimentArgs) -> dict:
@@ -136,41 +149,34 @@ def run(args: ExperimentArgs) -> dict:
     k = scale.experts_per_token
     k_min, k_max = default_k_range(k, scale.num_experts)
     k_min, k_max = args.extra.get("k_min", k_min), args.extra.get("k_max", k_max)
-    schedules = select_schedules(args.extra.get("schedules"), allow_unmatched=args.allow_unmatched)
+    schedules, screen = _plan(args)
+    if screen and not set(HEADLINE) <= set(schedules) | {BEST}:
+        raise ValueError(f"a screen needs {list(HEADLINE[:2])} among the schedules, got {schedules}")
     matches = match_schedules(
         schedules, k, k_min, k_max, seq_len=scale.seq_len, num_experts=scale.num_experts,
         allow_unmatched=args.allow_unmatched,
     )  # fmt: skip
-    options = {
-        "scale": args.scale_name,
-        "scale_values": dataclasses.asdict(scale),
-        "corpus": args.corpus,
-        "seeds": args.seeds,
-        "steps": scale.steps,
-        "schedules": schedules,
-        "k_range": [k_min, k_max],
-        "allow_unmatched": args.allow_unmatched,
-        "scaling_factor": args.scaling_factor,
-    }
+    options = {"scale": args.scale_name, "scale_values": dataclasses.asdict(scale), "corpus": args.corpus,
+               "seeds": args.seeds, "steps": scale.steps, "schedules": schedules, "screen": screen,
+               "k_range": [k_min, k_max], "allow_unmatched": args.allow_unmatched,
+               "scaling_factor": args.scaling_factor}  # fmt: skip
     out = prepare_output(args.out, NAME, options, overwrite=args.overwrite)
     record, started = start_record(scale.device, args.jobs), time.perf_counter()
     base = scale_overrides(scale, out / "runs", args.corpus, out / ".cache", scaling_factor=args.scaling_factor)
-    jobs = [  # seed-major: one seed's schedules share init, data split and noise; no schedule always first
-        TrainJob(name, seed, _variant(name, k_min, k_max))
-        for seed in range(args.seeds)
-        for name in rotated(list(schedules), seed)
-    ]
-    runs: dict[str, list[VariantRun]] = {name: [] for name in schedules}
-    controls: dict[str, list[dict[str, float]]] = {name: [] for name in schedules}
-    for job, done in zip(jobs, run_jobs(out, base, jobs, workers=args.jobs), strict=True):
-        runs[job.name].append(done.run)
-        controls[job.name].append(done.control)
-    results = summarise(runs, matches) | {
+    screened = None
+    if screen:
+        first = _train(out, base, args.jobs, schedules, [0], k_min, k_max)
+        screened = screen_record(first[0])
+        schedules = [STATIC, HEADLINE[1], screened["best_other"]]
+    runs, controls = _train(out, base, args.jobs, schedules, range(int(screen), int(screen) + args.seeds), k_min,
+                            k_max)  # fmt: skip
+    results = summarise(runs, {name: matches[name] for name in schedules}) | {
         "experiment": NAME,
         "options": options,
         "static_k": k,
         "k_range": [k_min, k_max],
         "tolerance": TOLERANCE,
+        "screen": screened,
         "controls": {name: controls[name] for name in schedules},
     }
     results = finite(results)
@@ -178,11 +184,43 @@ def run(args: ExperimentArgs) -> dict:
     return results
 
 
+def _train(
+    out: Path, base: dict[str, Any], workers: int, schedules: Sequence[str], seeds: Sequence[int], k_min: int,
+    k_max: int,
+) -> tuple[dict[str, list[VariantRun]], dict[str, list[dict[str, float]]]]:  # fmt: skip
+    """Every schedule × seed (seed-major; one seed's schedules share init, data split and noise; the
+    order rotates per seed so no schedule always runs first): runs and controls per schedule."""
+    jobs = [TrainJob(n, seed, _variant(n, k_min, k_max)) for seed in seeds for n in rotated(list(schedules), seed)]
+    runs: dict[str, list[VariantRun]] = {name: [] for name in schedules}
+    controls: dict[str, list[dict[str, float]]] = {name: [] for name in schedules}
+    for job, done in zip(jobs, run_jobs(out, base, jobs, workers=workers), strict=True):
+        runs[job.name].append(done.run)
+        controls[job.name].append(done.control)
+    return runs, controls
+
+
+def screen_record(runs: dict[str, list[VariantRun]]) -> dict[str, Any]:
+    """The screen's one seed per schedule, and the best schedule other than static and linear_reverse."""
+    final = {name: seed_runs[0].final_val_loss for name, seed_runs in runs.items()}
+    others = [name for name in final if name not in HEADLINE[:2]]
+    if not others:
+        raise ValueError("the screen needs a schedule other than static and linear_reverse")
+    return {
+        "seed": 0,
+        "final_val_loss": final,
+        "best_other": min(others, key=final.__getitem__),
+        "ranking": sorted(final, key=final.__getitem__),
+        "runs": {name: _run_record(seed_runs[0]) for name, seed_runs in runs.items()},
+    }
+
+
 def render(raw_dir: Path) -> Rendered:
     """The report and plots from the archived results.json alone."""
     results, provenance = read_raw(raw_dir)
-    plots = [plot_bins(results, raw_dir / "per_bin_loss.png"), plot_final(results, raw_dir / "final_loss.png")]
-    return Rendered(report(results, provenance), plots)
+    bins, bin_series = plot_bins(results, raw_dir / "per_bin_loss.png")
+    final, final_series = plot_final(results, raw_dir / "final_loss.png")
+    series = {"per_bin_loss": bin_series, "final_loss": final_series}
+    return Rendered(report(results, provenance), [bins, final], series)
 
 
 def _bin_ce(run: VariantRun) -> dict[tuple[float, float], float]:
@@ -247,137 +285,3 @@ def _run_record(run: VariantRun) -> dict[str, Any]:
         "curve": [{"step": s, "train_s": t, "val_loss": v} for s, t, v in validation_curve(run.rows)],
         "bins": run.val_bins,
     }
-
-
-# ----------------------------------------------------------------------------- report
-
-
-# EC-DLM: more capacity at low mask ratio wins at matched FLOPs; a schedule's predicted sign of
-# (its final loss − static's): −1 where it gives low mask ratios more capacity, +1 where less
-PREDICTED_SIGN = {"linear_reverse": -1, "cosine_reverse": -1, "linear": 1, "cosine": 1}
-
-
-def verdicts(results: dict[str, Any]) -> list:
-    """One verdict per schedule whose sign EC-DLM's claim predicts, from the paired per-seed Δ."""
-    out = []
-    for name, sign in PREDICTED_SIGN.items():
-        s = results["schedules"].get(name)
-        if s is None or s["vs_static"] is None:
-            continue
-        more_or_less = "more" if sign < 0 else "less"
-        out.append(
-            verdict(
-                f"{name} ({more_or_less} capacity at low mask ratio) "
-                f"{'beats' if sign < 0 else 'trails'} static k at matched FLOPs",
-                f"{name} final loss − static final loss ({'< 0' if sign < 0 else '> 0'} predicted)",
-                s["vs_static"]["values"],
-                predicted_sign=sign,
-            )
-        )
-    return out
-
-
-def report(results: dict[str, Any], provenance: dict[str, Any]) -> str:
-    o, sc = results["options"], results["options"]["scale_values"]
-    k_min, k_max = results["k_range"]
-    head = (
-        f"Scale: dim {sc['dim']}, {sc['num_layers']} layers, E = {sc['num_experts']}, L = {sc['seq_len']}, "
-        f"batch {sc['batch_size']}, {sc['steps']} steps; {o['seeds']} seed(s), corpus `{o['corpus']}`. "
-        f"Static k = {results['static_k']}; schedules use k ∈ [{k_min}, {k_max}]. E[k]: expected active experts "
-        "per token (Binomial mask, rounding, capacity floor), matched within ±1 % unless marked; measured: mean "
-        "over training steps. Loss: mean ± std over seeds; Δ: paired difference to static, ± its 95 % interval "
-        "(beyond spread = interval excludes 0)."
-    )
-    rows = []
-    for name in results["ranking"]:
-        s = results["schedules"][name]
-        rows.append(
-            {
-                "rank": s["rank"],
-                "schedule": name + (" (static k)" if name == STATIC else ""),
-                "k range": f"[{s['k_min']}, {s['k_max']}]",
-                "E[k]": f"{s['expected_k']:.4g}" + ("" if s["matched"] else " (unmatched)"),
-                "measured experts/token": format_stats(s["measured_experts_per_token"], 4),
-                "final val loss": format_stats(s["final_val_loss"]),
-                "Δ vs static": format_delta(s["vs_static"]),
-                "beyond seed spread": {True: "yes", False: "no", None: "–"}[s["exceeds_seed_spread"]],
-            }
-        )
-
-    def label(b: dict[str, Any]) -> str:
-        return f"r∈[{b['mask_ratio'][0]:.1f},{b['mask_ratio'][1]:.1f})"
-
-    static_bins = results["schedules"][STATIC]["bins"]
-    bin_rows = [{"schedule": "static CE"} | {label(b): format_stats(b["ce"], 3) for b in static_bins}]
-    for name in results["ranking"]:
-        if name != STATIC:
-            bins = results["schedules"][name]["bins"]
-            bin_rows.append({"schedule": f"Δ {name}"} | {label(b): format_delta(b["vs_static"]) for b in bins})
-    columns = ["schedule"] + [label(b) for b in static_bins]
-    return (
-        f"{head}\n\n{machine_line(provenance)}\n\n{control_line(results)}\n\n"
-        + "".join(f"- {v.line()}\n" for v in verdicts(results))
-        + f"\n{markdown_table(rows, list(rows[0]))}\n\n"
-        "Validation CE on masked tokens per mask-ratio bin (last evaluation): static, and each schedule's Δ:\n\n"
-        f"{markdown_table(bin_rows, columns)}"
-    )
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_bins(results: dict[str, Any], path: Path) -> Path:
-    """Per-mask-ratio-bin CE of every schedule, and its paired difference to static (± seed std)."""
-    plt = _pyplot()
-    fig, (absolute, delta) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, s) in enumerate(results["schedules"].items()):
-        centres = [sum(b["mask_ratio"]) / 2 for b in s["bins"]]
-        style = {"color": f"C{i}", "marker": "o", "ms": 3, "label": name}  # one colour per schedule in both panels
-        absolute.plot(centres, [b["ce"]["mean"] for b in s["bins"]], **style)
-        if name == STATIC:
-            delta.axhline(0.0, color=style["color"], lw=1.0, label=f"{name} (reference)")
-        else:
-            mean = [b["vs_static"]["mean"] for b in s["bins"]]
-            std = [b["vs_static"]["std"] or 0.0 for b in s["bins"]]
-            delta.errorbar(centres, mean, yerr=std, capsize=2, alpha=0.85, **style)
-    absolute.set_ylabel("masked-token CE (nats)")
-    delta.set_ylabel("CE − static CE (± seed std)")
-    for ax in (absolute, delta):
-        ax.set_xlabel("mask ratio r (bin centre)")
-        ax.grid(alpha=0.3)
-    absolute.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_final(results: dict[str, Any], path: Path) -> Path:
-    """Final validation loss per schedule (± seed std), and the paired difference to static (± 95 % interval)."""
-    plt = _pyplot()
-    names = results["ranking"]
-    fig, (loss, delta) = plt.subplots(1, 2, figsize=(11, 4))
-    x = list(range(len(names)))
-    stats = [results["schedules"][n]["final_val_loss"] for n in names]
-    loss.errorbar(x, [s["mean"] for s in stats], yerr=[s["std"] or 0.0 for s in stats], fmt="o", capsize=3)
-    diffs = [results["schedules"][n]["vs_static"] for n in names]
-    delta.errorbar(
-        x, [d["mean"] if d else 0.0 for d in diffs], yerr=[(d or {}).get("ci95") or 0.0 for d in diffs], fmt="o",
-        capsize=3,
-    )  # fmt: skip
-    delta.axhline(0.0, color="black", lw=0.8)
-    loss.set_ylabel("final validation ELBO loss (± seed std)")
-    delta.set_ylabel("loss − static loss (± 95 % interval)")
-    for ax in (loss, delta):
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
