@@ -256,7 +256,8 @@ class VariantRun:
 
 
 def train_variant(out: Path, name: str, seed: int, base: dict[str, Any], variant: dict[str, Any]) -> VariantRun:
-    """Train one variant with `seed` (init, data split, batch order, noise) into `out/runs/NAME/seedN`.
+    """Train one variant with `seed` (init, batch order, noise; the data split is fixed by data.split_seed)
+    into `out/runs/NAME/seedN`.
 
     The tokenizer is trained once per experiment (`out/runs/tokenizer`) and copied into every run,
     so all variants see identical token ids. Checkpoints are removed after the run (they only serve
