@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ from dlmoe.sampling.rules import (
     threshold_commits,
 )
 from dlmoe.sampling.stats import GenerationStats, StatsRecorder
+
+if TYPE_CHECKING:
+    from dlmoe.offload.store import ExpertStore
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,10 @@ def _prepare(
         mask_id=ids.mask_id, pad_id=ids.pad_id, device=device,
     )  # fmt: skip
     check_model_fit(transformer, canvas, sampler)
+    from dlmoe.offload.load import expert_store_of  # offload imports the model: not at sampling's import
+
     stats = StatsRecorder()
+    store = None if transformer is None else expert_store_of(transformer)
     denoiser = Denoiser(
         model, canvas, mask_id=ids.mask_id, cache=sampler.cache, cfg_scale=sampler.cfg_scale,
         block_routing=sampler.block_routing, capacity=sampler.capacity, stats=stats,
@@ -137,7 +144,7 @@ def _prepare(
     return _Loop(
         sampler, ids, canvas, denoiser, stats, steps_per_block, vocab_size,
         None if never_K is None else never_K.to(device), None if last_K is None else last_K.to(device),
-        generator, callback,
+        generator, callback, store,
     )  # fmt: skip
 
 
@@ -156,6 +163,7 @@ class _Loop:
     last_K: Tensor | None  # suppress_commit_tokens
     generator: torch.Generator | None
     callback: Callable[[StepInfo], None] | None
+    store: ExpertStore | None  # the model's expert store when its routed experts are offloaded
     step: int = 0
     stopped_early: bool = False
     finished_B: Tensor = field(init=False)
@@ -165,13 +173,15 @@ class _Loop:
 
     def run(self) -> GenerationResult:
         started = time.perf_counter()
+        offload = None if self.store is None else self.store.measure()
         for block in range(self.canvas.num_blocks):
             if self._block(block):
                 break
         canvas = self.canvas
         stats = self.stats.finish(
-            generated_tokens=canvas.batch_size * self.sampler.gen_length, seconds=time.perf_counter() - started
-        )
+            generated_tokens=canvas.batch_size * self.sampler.gen_length, seconds=time.perf_counter() - started,
+            offload=None if offload is None else offload(),
+        )  # fmt: skip
         return GenerationResult(
             canvas.tokens, canvas.valid, canvas.gen_start, canvas.num_blocks, self.steps_per_block,
             self.stopped_early, stats,

@@ -28,6 +28,14 @@ class GenerationStats:
     unique_experts_by_layer: list[float] | None  # dMoE metric per MoE layer
     experts_per_token: float | None  # routed slots / real fed tokens
     seconds: float  # wall time of the loop
+    # offloaded experts (`dlmoe.offload`; None when every expert is resident), over this generation:
+    expert_loads: int | None = None  # experts read from disk when a forward needed them
+    expert_hits: int | None = None  # needed experts found in the cache
+    expert_prefetched: int | None = None  # experts read ahead on the background thread
+    expert_bytes_read: int | None = None  # by both
+    expert_load_seconds: float | None = None  # wall time spent reading (both threads)
+    peak_expert_bytes: int | None = None  # the most expert bytes held at once
+    expert_set_change_rate: float | None = None  # store lifetime: forwards whose layer's expert set changed
 
     @property
     def active_flops_per_token(self) -> float:
@@ -88,7 +96,8 @@ class StatsRecorder:
         self.unique_fed_sum = fed.sum(1) + (0 if self.unique_fed_sum is None else self.unique_fed_sum)
         self.unique_rows += num_rows
 
-    def finish(self, *, generated_tokens: int, seconds: float) -> GenerationStats:
+    def finish(self, *, generated_tokens: int, seconds: float, offload: dict | None = None) -> GenerationStats:
+        """The generation's figures; `offload`: the expert store's counters over it (`ExpertStore.measure`)."""
         by_layer = None if self.unique_block_sum is None else (self.unique_block_sum / self.unique_rows).tolist()
         fed = None if self.unique_fed_sum is None else float(self.unique_fed_sum.sum() / self.unique_rows)
         return GenerationStats(
@@ -102,4 +111,5 @@ class StatsRecorder:
             unique_experts_by_layer=by_layer,
             experts_per_token=self.slots / self.real_tokens if self.real_tokens else None,
             seconds=seconds,
+            **(offload or {}),
         )
