@@ -156,6 +156,11 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         help="weight dtype at run time: auto = bf16 where the device runs it natively, else fp32; "
         "keep = the checkpoint's own (default: auto)",
     )  # fmt: skip
+    p.add_argument(
+        "--expert-memory", dest="expert_memory", metavar="SIZE",
+        help="keep the routed experts on disk, read on demand into at most SIZE of memory (e.g. 512MiB, 2GiB); "
+        "the output is bit-identical (dlmoe.offload)",
+    )  # fmt: skip
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(func=sample)
 
@@ -163,6 +168,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
 def sample(args: argparse.Namespace) -> None:
     """Generate from a trained run; all input is checked before the model runs."""
     from dlmoe.inference import read_run_config, sample_text
+    from dlmoe.offload.load import parse_size
     from dlmoe.runtime import resolve_device
 
     if args.threshold is not None:
@@ -170,6 +176,7 @@ def sample(args: argparse.Namespace) -> None:
     if args.cfg_scale is not None:
         check_float("--cfg", args.cfg_scale, low=0.0)
     device = resolve_device(args.device, "--device")
+    expert_memory = None if args.expert_memory is None else parse_size(args.expert_memory)
     precision = None if args.dtype == "keep" else resolve_precision(args.dtype, device)
     prompts = read_batch_file(args.batch_file) if args.batch_file else None
     run_config = read_run_config(args.run)
@@ -182,6 +189,7 @@ def sample(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         device=device,
         dtype=None if precision is None else precision.dtype,
+        expert_memory=expert_memory,
     )
     for prompt, text in zip(output.prompts, output.texts, strict=True):
         print(json.dumps({"prompt": prompt, "text": text}))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +34,15 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     return dataclasses.replace(read_saved_run_config(run_dir / "config.json"), run_dir=str(run_dir))
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, DlmoeForDiffusionLM, object]:
+def load_run(
+    run_dir: str | Path, *, expert_memory: int | str | None = None
+) -> tuple[RunConfig, DlmoeForDiffusionLM, object]:
     """(config, model in eval mode, tokenizer) of a finished run (`<run_dir>/model`).
 
     Only safetensors weights are read: a model folder holding pickles instead (pytorch_model.bin,
-    *.pt) is refused before anything could unpickle them."""
+    *.pt) is refused before anything could unpickle them. With `expert_memory` (bytes, or "2GiB")
+    the routed experts stay on disk and are read on demand into that much memory (`dlmoe.offload`;
+    close the model's store, `dlmoe.offload.expert_store_of(model).close()`, or use `offloaded_run`)."""
     config = read_run_config(run_dir)
     model_dir = Path(run_dir) / "model"
     read_json(model_dir / "config.json", "the run's model config is damaged: train the run again")
@@ -48,12 +54,30 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, DlmoeForDiffusionLM, objec
                 "code when loaded, so they are never opened (convert them to model.safetensors with a tool you trust)"
             )
         raise ValueError(f"{model_dir} holds no model.safetensors: the run's model is missing (train the run again)")
+    if expert_memory is not None:
+        from dlmoe.offload import load_offloaded, parse_size
+
+        model, _ = load_offloaded(model_dir, parse_size(expert_memory))
+        return config, model, load_tokenizer(model_dir)
     hf_logging.disable_progress_bar()  # transformers' per-tensor "Loading weights" bar is noise here
     try:
         model = DlmoeForDiffusionLM.from_pretrained(model_dir, use_safetensors=True).eval()
     finally:
         hf_logging.enable_progress_bar()
     return config, model, load_tokenizer(model_dir)
+
+
+@contextmanager
+def offloaded_run(run_dir: str | Path, expert_memory: int | str) -> Iterator[tuple[RunConfig, object, object]]:
+    """`load_run(run_dir, expert_memory=...)` whose expert store is closed (reader thread stopped,
+    cached experts dropped) when the block ends, however it ends."""
+    from dlmoe.offload import expert_store_of
+
+    config, model, tokenizer = load_run(run_dir, expert_memory=expert_memory)
+    try:
+        yield config, model, tokenizer
+    finally:
+        expert_store_of(model).close()
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,7 @@ def sample_text(
     progress: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    expert_memory: int | str | None = None,
     **keywords: object,
 ) -> SampleOutput:
     """Generate from a trained run: each prompt `num_samples` times, as one left-padded batch, on
@@ -83,9 +108,20 @@ def sample_text(
         prompt (when `prompts` is None) and the samples per prompt; a plain `SamplerConfig` takes
         them from the run's section. The older keyword form (`sample=`, `threshold=`, `cache=`,
         ... any `SamplerConfig` field) changes those fields of the sampler; `threshold=` without
-        `steps=` makes the steps adaptive, as it always did here."""
-    config, model, tokenizer = load_run(run_dir)
-    model = model.to(device=device, dtype=dtype)
+        `steps=` makes the steps adaptive, as it always did here.
+    expert_memory: keep the routed experts on disk and read them into at most this many bytes
+        ("2GiB"; `dlmoe.offload`); the output is bit-identical to the resident model's."""
+    if expert_memory is None:
+        config, model, tokenizer = load_run(run_dir)
+        return _sample(config, model.to(device=device, dtype=dtype), tokenizer, sampler, prompts, seed, progress,
+                       keywords)  # fmt: skip
+    with offloaded_run(run_dir, expert_memory) as (config, model, tokenizer):
+        return _sample(config, model.to(device=device, dtype=dtype), tokenizer, sampler, prompts, seed, progress,
+                       keywords)  # fmt: skip
+
+
+def _sample(config, model, tokenizer, sampler, prompts, seed, progress, keywords) -> SampleOutput:
+    """`sample_text` once the model is loaded (resident or offloaded)."""
     base = keywords.pop("sample", None) if sampler is None else sampler  # `sample=`: the old name
     if keywords.get("threshold") is not None:
         keywords.setdefault("steps", None)

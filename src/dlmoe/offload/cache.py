@@ -1,10 +1,16 @@
-"""A byte-bounded LRU cache of expert weights, shared by every layer, safe to fill from two threads.
+"""A byte-bounded cache of expert weights, shared by every layer, safe to fill from two threads.
 
 Keys are (layer, expert); a value is whatever the loader returns (the expert's weight tensors) and
-its size in bytes. The cache never holds more than `budget` bytes: an insert first evicts least
-recently used entries that are not pinned (the experts the forward being computed needs), and an
-insert that could only fit by evicting pinned entries is refused — for a speculative load that
-means it is skipped, for a needed one it is an error that names the budget to ask for.
+its size in bytes. The cache never holds more than `budget` bytes: an insert first evicts entries
+that are not pinned (the experts the forward being computed needs), and an insert that could only
+fit by evicting pinned entries is refused — for a speculative load that means it is skipped, for a
+needed one it is an error that names the budget to ask for.
+
+Which entries go first is the policy. "lru": least recently used. "cyclic" (the default): a model's
+layers run in a fixed order, forward after forward, so the expert whose layer runs again last is
+the one to drop (Belady's choice for a cyclic scan, where LRU drops exactly what comes next): the
+layers after the current one are kept first, the current layer's unneeded experts go first; LRU
+among a layer's own.
 """
 
 from __future__ import annotations
@@ -39,13 +45,20 @@ class BudgetError(ValueError):
     """The experts one forward needs do not fit the budget at once."""
 
 
-class ExpertCache:
-    """LRU over (layer, expert) with a byte budget; `pinned` keys are never evicted."""
+POLICIES = ("cyclic", "lru")
 
-    def __init__(self, budget: int) -> None:
+
+class ExpertCache:
+    """(layer, expert) → weights within a byte budget; `pinned` keys are never evicted."""
+
+    def __init__(self, budget: int, policy: str = "cyclic", layers: list[int] | None = None) -> None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"expert cache budget must be a positive int of bytes, got {budget!r}")
-        self.budget = budget
+        if policy not in POLICIES:
+            raise ValueError(f"expert cache policy must be one of {list(POLICIES)}, got {policy!r}")
+        self.budget, self.policy = budget, policy
+        self.layers = list(layers or [])  # the order layers run in (the cyclic policy's clock)
+        self.current: int | None = None  # the layer being computed
         self.used = 0
         self.stats = CacheStats()
         self.lock = threading.Lock()
@@ -74,10 +87,21 @@ class ExpertCache:
                 self._entries[key] = (value, nbytes, False)
             return value
 
-    def pin(self, keys: set[Key]) -> None:
-        """Protect `keys` (the forward being computed) from eviction until the next `pin`."""
+    def pin(self, keys: set[Key], layer: int | None = None) -> None:
+        """Protect `keys` (the forward being computed, of `layer`) from eviction until the next `pin`."""
         with self.lock:
             self._pinned = set(keys)
+            self.current = layer
+
+    def _victims(self) -> list[Key]:
+        """Unpinned keys, the first to evict first."""
+        lru = [k for k in self._entries if k not in self._pinned]  # least recently used first
+        if self.policy == "lru" or self.current not in self.layers:
+            return lru
+        position = {layer: i for i, layer in enumerate(self.layers)}
+        now, count = position[self.current], len(self.layers)
+        # runs again after (position − now − 1) mod count other layers: the current layer's last
+        return sorted(lru, key=lambda k: -((position.get(k[0], now) - now - 1) % count))
 
     def put(self, key: Key, value: Any, nbytes: int, *, prefetched: bool = False) -> bool:
         """Insert `key` (evicting unpinned LRU entries to make room). Returns False when it cannot fit
@@ -85,7 +109,7 @@ class ExpertCache:
         with self.lock:
             if key in self._entries:
                 return True
-            evictable = [k for k in self._entries if k not in self._pinned]
+            evictable = self._victims()
             room = self.budget - self.used + sum(self._entries[k][1] for k in evictable)
             if nbytes > room:
                 if prefetched:

@@ -57,8 +57,11 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def load_offloaded(model_dir: str | Path, budget: int, *, prefetch: bool = True) -> tuple[nn.Module, ExpertStore]:
-    """(the model in eval mode with offloaded routed experts, its store) from a saved model folder."""
+def load_offloaded(
+    model_dir: str | Path, budget: int, *, prefetch: bool = True, policy: str = "cyclic"
+) -> tuple[nn.Module, ExpertStore]:
+    """(the model in eval mode with offloaded routed experts, its store) from a saved model folder;
+    `prefetch`: read the next layer's last experts ahead; `policy`: what the cache evicts first."""
     from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
     from dlmoe.moe.layer import MoELayer
 
@@ -69,7 +72,7 @@ def load_offloaded(model_dir: str | Path, budget: int, *, prefetch: bool = True)
     moe = {i: block.ffn for i, block in enumerate(model.model.layers) if isinstance(block.ffn, MoELayer)}
     if not moe:
         raise ValueError(f"{model_dir} is a dense model: it has no routed experts to offload")
-    store = ExpertStore(model_dir, budget, sorted(moe), prefetch=prefetch)
+    store = ExpertStore(model_dir, budget, sorted(moe), prefetch=prefetch, policy=policy)
     try:
         for index, layer in moe.items():
             old = layer.experts

@@ -34,11 +34,13 @@ def expert_tensor_name(layer: int, which: str) -> str:
 class ExpertStore:
     """Routed experts of the MoE layers `layers` of `model_dir`, within `budget` bytes of memory."""
 
-    def __init__(self, model_dir: str | Path, budget: int, layers: list[int], *, prefetch: bool = True) -> None:
+    def __init__(
+        self, model_dir: str | Path, budget: int, layers: list[int], *, prefetch: bool = True, policy: str = "cyclic"
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.directory = tensor_directory(self.model_dir)
-        self.cache = ExpertCache(budget)
         self.layers = sorted(layers)
+        self.cache = ExpertCache(budget, policy, self.layers)
         self._tensors: dict[int, tuple[StoredTensor, StoredTensor]] = {}
         for layer in self.layers:
             names = [expert_tensor_name(layer, which) for which in EXPERT_TENSORS]
@@ -72,7 +74,7 @@ class ExpertStore:
     def weights(self, layer: int, experts: list[int]) -> tuple[Tensor, Tensor]:
         """The stacked weights ([n, 2F, D], [n, D, F]) of `experts` (ascending) of `layer`."""
         keys = [(layer, e) for e in experts]
-        self.cache.pin(set(keys))
+        self.cache.pin(set(keys), layer)
         pairs = [self._present(key) for key in keys]
         self._record(layer, tuple(experts))
         self._prefetch_next(layer)
