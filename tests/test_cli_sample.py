@@ -45,6 +45,19 @@ def test_sample_prints_texts_and_stats(capsys, run_dir, args) -> None:
     assert 1 <= stats["unique_experts"] <= 4 and stats["active_flops_per_token"] > 0
 
 
+@pytest.mark.parametrize("extra", [[], ["--block-routing", "top_p=0.5,guard=2", "--cache", "dual"]])
+def test_expert_memory_gives_the_same_text_and_reports_the_store(capsys, run_dir, extra) -> None:
+    base = ["--prompt", "The king", "--num-samples", "2", *extra]
+    code, resident, err = sample(capsys, run_dir, *base)
+    assert code == 0, err
+    code, offloaded, err = sample(capsys, run_dir, *base, "--expert-memory", "64KiB")
+    assert code == 0, err
+    assert offloaded[:-1] == resident[:-1]  # bit-identical generations
+    stats = offloaded[-1]["stats"]
+    assert stats["expert_bytes_read"] > 0 and stats["peak_expert_bytes"] <= 64 * 1024
+    assert resident[-1]["stats"]["expert_bytes_read"] is None
+
+
 def test_batch_file_runs_one_row_per_prompt(capsys, run_dir, tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The king\nThe queen answers with roses\nScene\n")
@@ -75,6 +88,8 @@ def test_batch_file_runs_one_row_per_prompt(capsys, run_dir, tmp_path) -> None:
         (["--suppress-tokens", "99999"], "suppress_tokens[0] must be <="),
         (["--suppress-tokens", "0"], "suppress_tokens must not hold mask_id=0"),
         (["--suppress-tokens", "eos", "--suppress-commit-tokens", "EOS"], "are in both"),
+        (["--expert-memory", "lots"], "expert memory 'lots' is not a size"),
+        (["--expert-memory", "1"], "smaller than one expert"),
     ],
 )
 def test_bad_input_is_one_clear_error(capsys, run_dir, args, match) -> None:
