@@ -103,12 +103,16 @@ def verdicts(results: dict[str, Any]) -> list:
             )
         )
         steps = [r["step_speedup"] for r in results["time_to_tc_loss"][tc]["per_seed"]]
-        if all(s is not None and s > 0 for s in steps):
+        missed = sum(s is None for s in steps)
+        if steps and all(s is None or s > 0 for s in steps):
+            # a seed where EC never reached TC's final loss took more steps than TC did: its speedup is
+            # below 1; counting it as exactly 1 (log 0) bounds it in the claim's favour
+            censored = f"; {missed} seed(s) where EC never reached it counted as 0, an upper bound" if missed else ""
             out.append(
                 verdict(
                     f"EC reaches {tc}'s final loss in fewer steps (EC-DLM: ≈ 2× faster)",
-                    "log(step speedup) (> 0: EC faster)",
-                    [math.log(s) for s in steps],
+                    f"log(step speedup) (> 0: EC faster{censored})",
+                    [0.0 if s is None else math.log(s) for s in steps],
                 )
             )
     return out
