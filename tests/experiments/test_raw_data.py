@@ -89,3 +89,26 @@ def test_the_committed_section_is_what_the_raw_data_renders(raw: Path, tmp_path:
     rendered = render_experiment(copy)  # writes plots and plots.json into the copy, not the repo
     assert section(raw.name, rendered, docs / "results.md") == committed_sections(DOC)[raw.name]
     assert json.loads((copy / SERIES).read_text()) == json.loads((raw / SERIES).read_text())
+
+
+def test_results_documents_do_not_make_the_checkout_dirty(tmp_path: Path):
+    """A suite's earlier experiments rewrite docs/results*: a later one's code is still the commit's."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results.md").write_text("# Results\n")
+    (tmp_path / "docs" / "results" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "docs" / "results.md").write_text("# Results\n\nnew section\n")
+    (tmp_path / "docs" / "results" / "a.json").write_text('{"new": 1}')
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True

@@ -22,7 +22,8 @@ BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per core above which a machine
 
 def git_state(where: Path | None = None) -> dict[str, Any]:
     """{"commit", "dirty"} of the git checkout holding `where` (this package by default); None each
-    when it is not a checkout or git is missing (an installed wheel)."""
+    when it is not a checkout or git is missing (an installed wheel). "dirty": tracked files other than
+    docs/results.md and docs/results/ differ from the commit (a suite's earlier experiments rewrite those)."""
     where = where or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -30,8 +31,9 @@ def git_state(where: Path | None = None) -> dict[str, Any]:
         )
         if commit.returncode:
             return {"commit": None, "dirty": None}
-        status = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(  # the results documents are experiments' output, not code: not "dirty"
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+             ":(top,exclude)docs/results.md", ":(top,exclude)docs/results"],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
