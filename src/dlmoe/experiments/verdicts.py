@@ -47,7 +47,7 @@ class Verdict:
             if self.seeds_needed is not None:
                 text += f"; ≈ {self.seeds_needed} {self.unit} would resolve the effect as measured"
             else:
-                text += "; the measured effect is too small to resolve with any practical number of seeds"
+                text += f"; the measured effect is too small to resolve with any practical number of {self.unit}"
         return text
 
 
