@@ -5,7 +5,10 @@ scale: E = 256 experts of width 256, k = 8, 8 layers of width 512, one shared ex
 dense: ≈ 3 GiB of fp32 routed experts — imports it with `dlmoe convert`, and then generates the same
 prompts four ways, each in a fresh process (peak RSS is per process): token routing and block
 routing (top-p 0.6, guard 16), each with every expert resident and with the expert store
-(`--expert-memory`, default 512 MiB). One JSON object per case:
+(`--expert-memory`, default 512 MiB). The router keeps its initialisation (N(0, 0.02²)) and the expert
+bias is N(0, 0.01²): a random router whose top-k spreads over many experts per block, as a trained
+one's does (with larger router weights or biases every token picks the same few experts, and there
+is nothing for block routing to save). One JSON object per case:
 
     case, routing, mode, expert_memory, peak_rss_bytes (VmHWM), baseline_rss_bytes (python + torch
     before the model), dense_bytes (resident parameters), tokens_per_s, bytes_per_token,
@@ -32,9 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SCALES = {
     "issue": {"experts": 256, "k": 8, "guard": 16, "layers": 8, "dim": 512, "hidden": 256, "heads": 8,
-              "vocab": 4096, "budget": "512MiB", "prompts": 1, "prompt_length": 32, "gen_length": 64},
+              "vocab": 4096, "budget": "512MiB", "prompts": 1, "prompt_length": 32, "gen_length": 64, "bias_std": 0.01},
     "small": {"experts": 16, "k": 2, "guard": 4, "layers": 3, "dim": 64, "hidden": 32, "heads": 4,
-              "vocab": 512, "budget": "512KiB", "prompts": 1, "prompt_length": 16, "gen_length": 32},
+              "vocab": 512, "budget": "512KiB", "prompts": 1, "prompt_length": 16, "gen_length": 32, "bias_std": 0.01},
 }  # fmt: skip
 TOP_P = 0.6
 BLOCK = 32
@@ -81,13 +84,10 @@ def write_llada2(folder: Path, scale: dict) -> Path:
     )  # fmt: skip
     torch.manual_seed(0)
     model = DlmoeForDiffusionLM(DlmoeConfig.from_model_config(config))
-    with torch.no_grad():  # a spread of router scores and biases, so that coresets are not all alike
-        for name, param in model.named_parameters():
-            if name.endswith("router.weight"):
-                param.normal_(0.0, 0.5)
+    with torch.no_grad():  # small biases: they must not decide every token's experts alike
         for module in model.modules():
             if getattr(module, "expert_bias", None) is not None:
-                module.expert_bias.normal_(0.0, 0.1)
+                module.expert_bias.normal_(0.0, scale["bias_std"])
     export_checkpoint(model, folder, format="llada2_moe")
     tokenizer.save_pretrained(folder)
     return folder

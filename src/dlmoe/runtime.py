@@ -59,6 +59,22 @@ def tune_cpu_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 3
     return ok
 
 
+def release_large_blocks(threshold: int = 1 << 17) -> bool:
+    """The opposite of `tune_cpu_malloc`, for the expert store: serve blocks above `threshold` bytes
+    with their own pages and give them back on free. glibc's default threshold rises after the first
+    large free (up to 32 MiB), after which evicted 1–2 MiB experts stay in the heap, fragmented: the
+    process then held ≈ 0.5 GB beyond its expert budget (bench/offload.py, token routing). A fixed
+    threshold keeps the RSS at what the cache holds. Skipped (False) when `tune_cpu_malloc` already ran
+    in this process (training chose to keep blocks) or off glibc."""
+    if _tuned or os.environ.get("DLMOE_NO_MALLOC_TUNING") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+
+
 def prepare_benchmark(threads: int | None = None, malloc_tuning: bool = True) -> dict[str, object]:
     """Set torch threads and malloc tuning for a benchmark process; return the facts for its meta line."""
     import platform

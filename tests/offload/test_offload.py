@@ -41,7 +41,10 @@ def sample(model, **options):
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 @pytest.mark.parametrize("backend", ["auto", "loop", "bmm"])
-def test_logits_bit_identical_to_the_resident_model(tmp_path, router, backend):
+@pytest.mark.parametrize("chunk_experts", [None, 2])  # None: one call per layer; 2: experts two at a time
+def test_logits_bit_identical_to_the_resident_model(tmp_path, monkeypatch, router, backend, chunk_experts):
+    if chunk_experts:
+        monkeypatch.setattr("dlmoe.offload.experts.CHUNK_BYTES", chunk_experts * EXPERT_BYTES)
     resident = save_model(tmp_path, ROUTERS[router], backend=backend)
     offloaded, store = load_offloaded(tmp_path, 10**8)
     ids, ratio = torch.randint(0, 62, (3, 20)), torch.tensor([0.2, 0.6, 1.0])

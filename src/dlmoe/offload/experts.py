@@ -6,6 +6,13 @@ have rows; only those are fetched (stacked in expert order), and the compute run
 rows as dispatched: the rows of an expert with no slots are empty, so dropping it changes nothing
 the backend computes for the others, and the output is bit-identical to the resident layer's.
 Inference only: the fetched weights carry no gradient.
+
+The stacked weights are a copy; a forward that needs many experts (token routing over a whole
+canvas) would hold a second copy of them all at once beside the cache. So the active experts are
+computed in chunks of at most `CHUNK_BYTES` of weights — each chunk's rows are contiguous, and an
+expert's rows give the same result whichever other experts share its call (the same reason dropping
+the idle experts changes nothing). Capacity-padded `bmm` pads to the largest count of its call, so
+there the experts go in one call.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from torch import Tensor, nn
 
 from dlmoe.moe.experts import compute_dtype, swiglu_bmm, swiglu_grouped_mm, swiglu_loop
 from dlmoe.offload.store import ExpertStore
+
+CHUNK_BYTES = 64 * 1024 * 1024  # stacked weights per backend call (the transient beside the cache)
 
 
 class OffloadedExperts(nn.Module):
@@ -46,19 +55,37 @@ class OffloadedExperts(nn.Module):
         backend = self.resolve_backend(equal_counts)
         # equal counts with every expert active is EC's path (bmm without padding); keep it exact
         equal = equal_counts and len(active) == self.num_experts
-        w_gu, w_d = self.store.weights(self.layer, active)
-        dtype = compute_dtype(x_SD)
-        x = x_SD.to(dtype)
-        w_gu, w_d = w_gu.to(device=x.device, dtype=dtype), w_d.to(device=x.device, dtype=dtype)
+        self.store.begin(self.layer, active)
+        x = x_SD.to(compute_dtype(x_SD))
         if x.shape[0] == 0:
             return x.new_zeros(0, self.dim)
-        active_counts = counts[torch.tensor(active, device=counts.device)]
-        with torch.autocast(x_SD.device.type, enabled=False):
+        per_call = len(active) if backend == "bmm" and not equal else max(1, CHUNK_BYTES // self.expert_bytes)
+        outputs, start = [], 0
+        for first in range(0, len(active), per_call):
+            chunk = active[first : first + per_call]
+            rows = sum(counts_host[e] for e in chunk)
+            gate = None if gate_S is None else gate_S[start : start + rows]
+            outputs.append(self._compute(x[start : start + rows], counts, chunk, gate, backend, equal))
+            start += rows
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.store.expert_bytes(self.layer)
+
+    def _compute(
+        self, x: Tensor, counts: Tensor, experts: list[int], gate_S: Tensor | None, backend: str, equal: bool
+    ) -> Tensor:
+        """The backend on `experts`' rows `x` (contiguous, in expert order) with their weights from the store."""
+        w_gu, w_d = self.store.weights(self.layer, experts)
+        w_gu, w_d = w_gu.to(device=x.device, dtype=x.dtype), w_d.to(device=x.device, dtype=x.dtype)
+        chunk_counts = counts[torch.tensor(experts, device=counts.device)]
+        with torch.autocast(x.device.type, enabled=False):
             if backend == "loop":
-                return swiglu_loop(x, active_counts, w_gu, w_d, gate_S)
+                return swiglu_loop(x, chunk_counts, w_gu, w_d, gate_S)
             if backend == "bmm":
-                return swiglu_bmm(x, active_counts, w_gu, w_d, gate_S, equal_counts=equal)
-            return swiglu_grouped_mm(x, active_counts, w_gu, w_d, gate_S)
+                return swiglu_bmm(x, chunk_counts, w_gu, w_d, gate_S, equal_counts=equal)
+            return swiglu_grouped_mm(x, chunk_counts, w_gu, w_d, gate_S)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, offloaded"

@@ -64,8 +64,10 @@ def load_offloaded(
     `prefetch`: read the next layer's last experts ahead; `policy`: what the cache evicts first."""
     from dlmoe.model.hf import DlmoeConfig, DlmoeForDiffusionLM
     from dlmoe.moe.layer import MoELayer
+    from dlmoe.runtime import release_large_blocks
 
     model_dir = Path(model_dir)
+    release_large_blocks()  # evicted experts go back to the OS: the RSS follows the budget
     config = DlmoeConfig.from_pretrained(model_dir)
     with _parameters_on_meta():
         model = DlmoeForDiffusionLM(config)

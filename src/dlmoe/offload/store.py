@@ -71,13 +71,16 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ the forward's experts
 
+    def begin(self, layer: int, experts: list[int]) -> None:
+        """A forward of `layer` needs `experts`: count whether its set changed, read the next layer ahead."""
+        self._record(layer, tuple(experts))
+        self._prefetch_next(layer)
+
     def weights(self, layer: int, experts: list[int]) -> tuple[Tensor, Tensor]:
         """The stacked weights ([n, 2F, D], [n, D, F]) of `experts` (ascending) of `layer`."""
         keys = [(layer, e) for e in experts]
         self.cache.pin(set(keys), layer)
         pairs = [self._present(key) for key in keys]
-        self._record(layer, tuple(experts))
-        self._prefetch_next(layer)
         if not pairs:
             gate_up, down = self._tensors[layer]
             return torch.empty((0, *gate_up.shape[1:]), dtype=gate_up.dtype), torch.empty(
