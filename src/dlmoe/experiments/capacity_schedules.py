@@ -11,7 +11,10 @@ only runs with it. The measured experts per token over training is reported next
 
 Ranking: every seed trains every schedule on the same data split, initialisation and validation
 noise, so schedules are compared by the paired difference to static per seed; a difference
-"exceeds the seed spread" when its 95 % Student-t interval excludes 0.
+"exceeds the seed spread" when its 95 % Student-t interval excludes 0. By default the experiment
+screens first (seed 0 trains every schedule once) and then trains only static, linear_reverse and the
+screen's best other schedule on fresh seeds 1 … N (EC-DLM's headline: linear_reverse is best), so
+5 paired seeds cost 3 schedules, not 7; `--option schedules=[...]` trains a chosen set on every seed.
 """
 
 from __future__ import annotations
