@@ -47,12 +47,8 @@ def tune_cpu_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 3
     global _tuned
     if _tuned:
         return True
-    if os.environ.get("DLMOE_NO_MALLOC_TUNING") == "1" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
     _tuned = ok
@@ -66,13 +62,18 @@ def release_large_blocks(threshold: int = 1 << 17) -> bool:
     process then held ≈ 0.5 GB beyond its expert budget (bench/offload.py, token routing). A fixed
     threshold keeps the RSS at what the cache holds. Skipped (False) when `tune_cpu_malloc` already ran
     in this process (training chose to keep blocks) or off glibc."""
-    if _tuned or os.environ.get("DLMOE_NO_MALLOC_TUNING") == "1" or not sys.platform.startswith("linux"):
-        return False
+    mallopt = None if _tuned else _mallopt()
+    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+
+
+def _mallopt():
+    """glibc's mallopt, or None (not Linux, DLMOE_NO_MALLOC_TUNING=1, musl or another libc without it)."""
+    if os.environ.get("DLMOE_NO_MALLOC_TUNING") == "1" or not sys.platform.startswith("linux"):
+        return None
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
-    return mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+        return None
 
 
 def prepare_benchmark(threads: int | None = None, malloc_tuning: bool = True) -> dict[str, object]:

@@ -245,17 +245,17 @@ def render(raw_dir: Path) -> Rendered:
     results, provenance = read_raw(raw_dir)
     # the derived figures and verdicts are recomputed from the archived per-seed probes by this code
     bins = [tuple(b["bin"]) for b in results["per_bin"]]
-    probes = [{k: _nan(v) for k, v in probe.items()} for probe in results["probes"]]  # JSON null was NaN
+    probes = [{k: nan_for_null(v) for k, v in probe.items()} for probe in results["probes"]]  # JSON null was NaN
     derived = summarize(probes, bins, results["settings"])
     results = results | {key: derived[key] for key in ("per_bin", "ce_change", "same_bin", "summary")}
     return render_report(results, provenance, raw_dir)
 
 
-def _nan(value: Any) -> Any:
+def nan_for_null(value: Any) -> Any:
     """results.json's null (`finite` wrote NaN so) back to NaN, in lists too."""
     if value is None:
         return math.nan
-    return [_nan(v) for v in value] if isinstance(value, list) else value
+    return [nan_for_null(v) for v in value] if isinstance(value, list) else value
 
 
 def _probe_record(result: ProbeResult, bounds: tuple[float, float], before: dict[str, Any], out: Path) -> dict:

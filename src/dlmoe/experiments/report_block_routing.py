@@ -21,6 +21,7 @@ from typing import Any
 
 from dlmoe.experiments.common import markdown_table
 from dlmoe.experiments.controls import control_line
+from dlmoe.experiments.plotting import pyplot, save_figure
 from dlmoe.experiments.provenance import machine_line
 from dlmoe.experiments.raw_data import Rendered, read_raw
 from dlmoe.experiments.verdicts import Verdict, verdict
@@ -250,10 +251,7 @@ def _mcq_table(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any]]:
     """Unique experts (x) vs ELBO change and vs agreement with the base's token routing (y), one
     curve per guard (training-free) and per fine-tune; ★ = token routing. Returns the series drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     mcq = list(results["mcq_skipped_lines"])
     fig, axes = plt.subplots(1, 2 + len(mcq), figsize=(6 * (2 + len(mcq)), 4.5), squeeze=False)
@@ -273,7 +271,5 @@ def plot(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any]]:
         ax.grid(alpha=0.3)
     axes[0][0].axhline(0.0, color="black", lw=0.8)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path, series

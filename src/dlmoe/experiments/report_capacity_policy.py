@@ -19,6 +19,7 @@ from typing import Any
 
 from dlmoe.experiments.common import format_delta, markdown_table, seed_stats
 from dlmoe.experiments.controls import control_line
+from dlmoe.experiments.plotting import pyplot, save_figure
 from dlmoe.experiments.provenance import machine_line
 from dlmoe.experiments.verdicts import Verdict, verdict
 
@@ -233,15 +234,6 @@ def judge_check(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def curve_series(results: dict[str, Any]) -> dict[str, Any]:
     """The data `plot_curve` draws: the static frontier, each schedule point, the held-out NLL."""
     means = point_means(results)
@@ -263,7 +255,7 @@ def plot_curve(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any
     """Generative NLL, agreement (vs FLOPs per generated token) and the proxy ELBO (vs its FLOPs)."""
     from matplotlib.ticker import MaxNLocator
 
-    plt, series = _pyplot(), curve_series(results)
+    plt, series = pyplot(), curve_series(results)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = (("flops_per_token", "nll", "generative NLL (nats/token, judge: static k_max)"),
               ("flops_per_token", "agreement", "token agreement with static k_max"),
@@ -284,15 +276,13 @@ def plot_curve(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path, series
 
 
 def plot_deltas(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any]]:
     """Each schedule point minus static at equal FLOPs (± 95 % interval): generative NLL and distinct fraction."""
-    plt = _pyplot()
+    plt = pyplot()
     comps = [c for c in comparisons(results) if c["interpolable"]]
     series = {c["setting"]: {key: [c[key]["mean"], c[key]["ci95"]] for key in ("nll", "distinct")} for c in comps}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(comps) + 2), sharey=True)
@@ -307,7 +297,5 @@ def plot_deltas(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, An
         ax.grid(alpha=0.3)
     axes[0].set_yticks(y, [c["setting"] for c in comps], fontsize=8)
     axes[0].invert_yaxis()  # the table's order, top down
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path, series

@@ -7,6 +7,7 @@ from typing import Any
 
 from dlmoe.experiments.common import format_delta, format_stats, markdown_table
 from dlmoe.experiments.controls import control_line
+from dlmoe.experiments.plotting import pyplot, save_figure
 from dlmoe.experiments.provenance import machine_line
 from dlmoe.experiments.verdicts import Verdict, verdict
 
@@ -116,19 +117,10 @@ def report(results: dict[str, Any], provenance: dict[str, Any]) -> str:
     )
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_bins(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any]]:
     """Per-mask-ratio-bin CE of every schedule, and its paired difference to static (± seed std);
     returns the series drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     series: dict[str, Any] = {}
     fig, (absolute, delta) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (name, s) in enumerate(results["schedules"].items()):
@@ -150,15 +142,13 @@ def plot_bins(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any]
         ax.set_xlabel("mask ratio r (bin centre)")
         ax.grid(alpha=0.3)
     absolute.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path, series
 
 
 def plot_final(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any]]:
     """Final validation loss per schedule (± seed std), and the paired difference to static (± 95 % interval)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = results["ranking"]
     fig, (loss, delta) = plt.subplots(1, 2, figsize=(11, 4))
     x = list(range(len(names)))
@@ -175,9 +165,7 @@ def plot_final(results: dict[str, Any], path: Path) -> tuple[Path, dict[str, Any
     for ax in (loss, delta):
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     series = {"schedules": names, "final_val_loss": [s["mean"] for s in stats],
               "vs_static": [d["mean"] if d else 0.0 for d in diffs]}  # fmt: skip
     return path, series

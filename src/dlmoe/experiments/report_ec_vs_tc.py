@@ -18,6 +18,7 @@ from dlmoe.experiments.common import (
     validation_curve,
 )
 from dlmoe.experiments.controls import control_line
+from dlmoe.experiments.plotting import pyplot, save_figure
 from dlmoe.experiments.provenance import machine_line
 from dlmoe.experiments.verdicts import verdict
 
@@ -118,15 +119,6 @@ def verdicts(results: dict[str, Any]) -> list:
     return out
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _mean_curve(seed_runs: list[VariantRun]) -> tuple[list[float], list[float], list[float], list[float]]:
     """Mean over seeds of each evaluation's (step, seconds, loss), and the loss std (0 for one seed)."""
     curves = [validation_curve(r.rows) for r in seed_runs]
@@ -141,7 +133,7 @@ def _mean_curve(seed_runs: list[VariantRun]) -> tuple[list[float], list[float], 
 def plot_validation(runs: dict[str, list[VariantRun]], path: Path) -> tuple[Path, dict[str, Any]]:
     """Validation loss against optimizer steps and against training wall-clock (mean ± std over
     seeds); returns the plot and the series it draws."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     series: dict[str, Any] = {}
     for name, seed_runs in runs.items():
@@ -155,9 +147,7 @@ def plot_validation(runs: dict[str, list[VariantRun]], path: Path) -> tuple[Path
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
     by_step.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path, series
 
 
@@ -172,7 +162,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def plot_routing(runs: dict[str, list[VariantRun]], path: Path) -> tuple[Path, dict[str, Any]]:
     """Load imbalance, dropped slots and tokens without an expert over training (seed mean, moving
     average); returns the plot and the series it draws."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = (
         ("load_max_over_mean", "max / mean expert load"),
         ("dropped_fraction", "dropped token-slots (TC capacity)"),
@@ -194,7 +184,5 @@ def plot_routing(runs: dict[str, list[VariantRun]], path: Path) -> tuple[Path, d
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path, series

@@ -14,7 +14,8 @@ from typing import Any
 from dlmoe.diffusion.validation import NUM_BINS as NUM_VAL_BINS
 from dlmoe.experiments.common import finite, format_stats, markdown_table
 from dlmoe.experiments.controls import control_line
-from dlmoe.experiments.learning_efficiency import CLAIM_FACTOR, PER_MILLION
+from dlmoe.experiments.learning_efficiency import CLAIM_FACTOR, PER_MILLION, nan_for_null
+from dlmoe.experiments.plotting import pyplot, save_figure
 from dlmoe.experiments.provenance import machine_line
 from dlmoe.experiments.raw_data import Rendered
 from dlmoe.experiments.verdicts import INCONCLUSIVE, Verdict
@@ -217,40 +218,24 @@ def _column(per_bin: list[dict[str, Any]], key: str, scale: float) -> dict[str, 
     }
 
 
-def _nan(values: list[float | None]) -> list[float]:
-    return [math.nan if v is None else v for v in values]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version stamp: the bytes follow the data
-    _pyplot().close(fig)
-    return path
-
-
 def plot_efficiency(series: dict[str, Any], path: Path) -> Path:
     """Whole held-out ELBO gain per 1M masked training tokens and per step against the trained bin,
     with the comparisons drawn: 10 × the highest bin (the claim), and equal progress per step."""
-    plt = _pyplot()
+    plt = pyplot()
     x = series["trained_bin_centres"]
     fig, (tokens, steps) = plt.subplots(1, 2, figsize=(11, 4))
     eff = series["per_masked_token_per_1M"]
-    tokens.errorbar(x, _nan(eff["mean"]), yerr=eff["std"], fmt="o-", color="C0", capsize=3, label="probes (± std)")
+    tokens.errorbar(
+        x, nan_for_null(eff["mean"]), yerr=eff["std"], fmt="o-", color="C0", capsize=3, label="probes (± std)"
+    )
     if series["ten_times_highest_per_1M"] is not None:
         tokens.axhline(series["ten_times_highest_per_1M"], color="C3", ls=":", label="10 × highest bin (the claim)")
-    tokens.plot(x, _nan(series["equal_progress_per_1M"]), color="grey", ls="--", label="equal progress per step")
+    tokens.plot(
+        x, nan_for_null(series["equal_progress_per_1M"]), color="grey", ls="--", label="equal progress per step"
+    )
     tokens.set_ylabel("ΔELBO per 1M masked training tokens")
     per_step = series["per_step"]
-    steps.errorbar(x, _nan(per_step["mean"]), yerr=per_step["std"], fmt="o-", color="C0", capsize=3,
+    steps.errorbar(x, nan_for_null(per_step["mean"]), yerr=per_step["std"], fmt="o-", color="C0", capsize=3,
                    label="probes (± std)")  # fmt: skip
     if series["highest_per_step"] is not None:
         steps.axhline(series["highest_per_step"], color="grey", ls="--", label="highest bin (equal progress)")
@@ -261,20 +246,20 @@ def plot_efficiency(series: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("whole held-out ELBO gain (the same evaluation for every probe)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_same_bin(series: dict[str, Any], path: Path) -> Path:
     """Left: ΔCE per 1M masked training tokens on each evaluated bin, one line per trained bin. Right: the
     lowest / highest trained bin ratio on each evaluated bin (log scale; undefined ratios not drawn),
     against 1× and 10×, the whole-ELBO ratio and the in-bin ratio (different evaluations)."""
-    plt = _pyplot()
+    plt = pyplot()
     x = series["evaluated_bin_centres"]
     fig, (lines, ratios) = plt.subplots(1, 2, figsize=(12, 4.5))
     cmap = plt.get_cmap("viridis")
     n = len(series["trained_bins"])
     for j, (label, row) in enumerate(zip(series["trained_bins"], series["per_masked_token_per_1M"], strict=True)):
-        lines.plot(x, _nan(row), "o-", ms=3, color=cmap(j / max(n - 1, 1)), label=f"trained {label}")
+        lines.plot(x, nan_for_null(row), "o-", ms=3, color=cmap(j / max(n - 1, 1)), label=f"trained {label}")
     lines.axhline(0.0, color="black", lw=0.6)
     lines.set_ylabel("ΔCE per 1M masked training tokens")
     lines.legend(fontsize=7)
@@ -297,14 +282,14 @@ def plot_same_bin(series: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     missing = sum(1 for r in series["ratio_of_means"] if r is None or r <= 0)
     ratios.set_title(f"{missing} evaluated bin(s) undefined or ≤ 0, not drawn" if missing else "", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ce_change(series: dict[str, Any], path: Path) -> Path:
     """Heat map of the held-out per-bin CE change (rows: trained bin, columns: evaluated bin), values written in."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     data = np.array(_nan_matrix(series["delta_ce"]), dtype=float)
     limit = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(data) + 2))
@@ -318,8 +303,8 @@ def plot_ce_change(series: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("evaluated bin (realized mask ratio r)")
     ax.set_ylabel("trained bin (t)")
     fig.colorbar(image, ax=ax, label="CE before − after (nats; > 0: better)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _nan_matrix(rows: list[list[float | None]]) -> list[list[float]]:
-    return [_nan(row) for row in rows]
+    return [nan_for_null(row) for row in rows]

@@ -48,6 +48,7 @@ from dlmoe.experiments.common import (
     validation_curve,
 )
 from dlmoe.experiments.controls import control_line, routed_experts_control
+from dlmoe.experiments.plotting import pyplot, save_figure
 from dlmoe.experiments.provenance import finish_record, machine_line, start_record
 from dlmoe.experiments.raw_data import Rendered, publish, read_raw
 from dlmoe.experiments.verdicts import Verdict, verdict
@@ -325,10 +326,7 @@ def report_markdown(results: dict[str, Any]) -> str:
 
 def plot_curves(arms: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Validation ELBO against fine-tuning steps and against training seconds, both arms, every seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     colors = {"tc": "tab:blue", "ec": "tab:orange"}
@@ -346,18 +344,13 @@ def plot_curves(arms: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("retrofit: token choice → expert choice vs continued token choice")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
 def plot_costs(arms: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Bars: median tokens/s and mean load imbalance (max/mean expert load) per arm, one bar per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, label in (
@@ -370,7 +363,5 @@ def plot_costs(arms: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         ax.bar(names, [0.0 if v is None or not math.isfinite(v) else v for v in values], color=colors)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

@@ -98,6 +98,14 @@ def swiglu_grouped_mm(
     return gated_swiglu_experts(x_SD, w_gate_up_EHD, w_down_EDF, gate_S, offsets)
 
 
+def resolve_backend(backend: str, equal_counts: bool, dim: int, hidden: int) -> str:
+    """The backend `backend` runs one dispatch with: "auto" → bmm when counts are equal or the widths
+    are not multiples of 8 (grouped GEMM needs 16-byte-aligned rows), else grouped_mm."""
+    if backend != "auto":
+        return backend
+    return "bmm" if equal_counts or not (dim % 8 == 0 and hidden % 8 == 0) else "grouped_mm"
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights; `forward(rows [S, D], counts [E], gate [S]) -> [S, D]`."""
 
@@ -127,9 +135,7 @@ class Experts(nn.Module):
         return self.dim % 8 == 0 and self.hidden % 8 == 0
 
     def resolve_backend(self, equal_counts: bool) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "bmm" if equal_counts or not self.grouped_mm_aligned else "grouped_mm"
+        return resolve_backend(self.backend, equal_counts, self.dim, self.hidden)
 
     def forward(
         self, x_SD: Tensor, counts: Tensor, gate_S: Tensor | None = None, *, equal_counts: bool = False

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dlmoe.moe.experts import compute_dtype, swiglu_bmm, swiglu_grouped_mm, swiglu_loop
+from dlmoe.moe.experts import compute_dtype, resolve_backend, swiglu_bmm, swiglu_grouped_mm, swiglu_loop
 from dlmoe.offload.store import ExpertStore
 
 CHUNK_BYTES = 64 * 1024 * 1024  # stacked weights per backend call (the transient beside the cache)
@@ -34,16 +34,6 @@ class OffloadedExperts(nn.Module):
         self.store, self.layer = store, layer
         self.num_experts, self.dim, self.hidden, self.backend = num_experts, dim, hidden, backend
 
-    @property
-    def grouped_mm_aligned(self) -> bool:
-        return self.dim % 8 == 0 and self.hidden % 8 == 0
-
-    def resolve_backend(self, equal_counts: bool) -> str:
-        """The backend the resident `Experts` would pick for this dispatch."""
-        if self.backend != "auto":
-            return self.backend
-        return "bmm" if equal_counts or not self.grouped_mm_aligned else "grouped_mm"
-
     @torch.no_grad()
     def forward(
         self, x_SD: Tensor, counts: Tensor, gate_S: Tensor | None = None, *, equal_counts: bool = False
@@ -52,7 +42,7 @@ class OffloadedExperts(nn.Module):
             raise RuntimeError("offloaded experts are for inference: their weights are not parameters")
         counts_host = counts.tolist()  # which experts to fetch: one host read per layer, as the loop backend
         active = [e for e, c in enumerate(counts_host) if c > 0]
-        backend = self.resolve_backend(equal_counts)
+        backend = resolve_backend(self.backend, equal_counts, self.dim, self.hidden)  # as the resident Experts
         # equal counts with every expert active is EC's path (bmm without padding); keep it exact
         equal = equal_counts and len(active) == self.num_experts
         self.store.begin(self.layer, active)

@@ -21,13 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
+from dlmoe.model.convert.files import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
+
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -92,14 +87,14 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in _DTYPES:
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
             raise OffloadError(f"shard {path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         begin, finish = (8 + length + offset for offset in info["data_offsets"])
         if finish > size:
             raise OffloadError(
                 f"shard {path} is truncated: tensor {name!r} ends at byte {finish}, the file has {size} bytes"
             )
-        out[name] = StoredTensor(path, _DTYPES[info["dtype"]], tuple(info["shape"]), begin, finish)
+        out[name] = StoredTensor(path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), begin, finish)
     return out
 
 

@@ -29,7 +29,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
@@ -151,7 +151,9 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             out = {}
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 tensor_slice = handle.get_slice(name)
-                out[name] = TensorInfo(path.name, tuple(tensor_slice.get_shape()), _DTYPES[tensor_slice.get_dtype()])
+                out[name] = TensorInfo(
+                    path.name, tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[tensor_slice.get_dtype()]
+                )
             return out
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"shard {path} cannot be read (truncated or not a safetensors file): {error}") from error
