@@ -77,15 +77,10 @@ class ExpertStore:
         self._prefetch_next(layer)
 
     def weights(self, layer: int, experts: list[int]) -> tuple[Tensor, Tensor]:
-        """The stacked weights ([n, 2F, D], [n, D, F]) of `experts` (ascending) of `layer`."""
+        """The stacked weights ([n, 2F, D], [n, D, F]) of `experts` (ascending, at least one) of `layer`."""
         keys = [(layer, e) for e in experts]
         self.cache.pin(set(keys), layer)
         pairs = [self._present(key) for key in keys]
-        if not pairs:
-            gate_up, down = self._tensors[layer]
-            return torch.empty((0, *gate_up.shape[1:]), dtype=gate_up.dtype), torch.empty(
-                (0, *down.shape[1:]), dtype=down.dtype
-            )
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def _present(self, key: Key) -> tuple[Tensor, Tensor]:
