@@ -16,6 +16,7 @@ from dlmoe.cli_convert import add_convert_parser
 from dlmoe.cli_eval import add_eval_parser
 from dlmoe.cli_experiments import add_experiment_parsers
 from dlmoe.cli_sample import add_sample_parser
+from dlmoe.cli_serve import add_serve_parser
 from dlmoe.config import BlockRoutingConfig, MoEConfig, RouterConfig
 from dlmoe.moe import MoELayer
 from dlmoe.routing.schedules import SCHEDULE_NAMES, dynamic_k, flops_match
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=info)
 
     add_sample_parser(sub)
+    add_serve_parser(sub)
     add_convert_parser(sub)
     add_experiment_parsers(sub)
     add_eval_parser(sub)

@@ -121,13 +121,8 @@ def sampler_from_args(args: argparse.Namespace, base: SampleConfig, eos_id: int 
     return sampler
 
 
-def add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="generate text from a trained run (LLaDA / Fast-dLLM samplers, dMoE routing)")
-    p.add_argument("--run", required=True)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt")
-    source.add_argument("--batch-file", dest="batch_file", help="text file, one prompt per line (batched, left-padded)")
-    p.add_argument("--num-samples", dest="num_samples", type=int, help="samples per prompt")
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """The generation options (`SamplerConfig` fields) of `dlmoe sample`, also `dlmoe serve`'s defaults."""
     p.add_argument("--gen-length", dest="gen_length", type=int)
     p.add_argument("--block-length", dest="block_length", type=int)
     p.add_argument("--steps", type=int, help="forwards over the generation (ignored with --threshold)")
@@ -149,7 +144,10 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         "--suppress-commit-tokens", dest="suppress_commit_tokens", metavar="ID,ID",
         help="token ids committed only when nothing else is left (confidence −inf; 'eos' = the model's EOS)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """Where and in which dtype the model runs, and whether its routed experts stay on disk."""
     p.add_argument("--device", choices=DEVICE_NAMES, default="cpu", help="where the model runs")
     p.add_argument(
         "--dtype", choices=(*PRECISIONS, "keep"), default="auto",
@@ -161,6 +159,18 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         help="keep the routed experts on disk, read on demand into at most SIZE of memory (e.g. 512MiB, 2GiB); "
         "the output is bit-identical (dlmoe.offload)",
     )  # fmt: skip
+
+
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained run (LLaDA / Fast-dLLM samplers, dMoE routing)")
+    p.add_argument("--run", required=True)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt")
+    source.add_argument("--batch-file", dest="batch_file", help="text file, one prompt per line (batched, left-padded)")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="samples per prompt")
+    add_sampler_flags(p)
+    p.add_argument("--seed", type=int, default=0)
+    add_device_flags(p)
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(func=sample)
 

@@ -146,9 +146,9 @@ def block_route(
         bias_in_gate: gates from the biased scores (LLaDA-MoE; see `token_choice`).
 
     Returns:
-        Dispatch with `coreset_mask` [B, P, E] and `block_index` [L] set (and `block_size` for the
-        default blocks). A token whose allowed experts number fewer than k (guard < k, or groups)
-        gets only the allowed ones. No router loss (`aux_loss` 0).
+        Dispatch with `coreset_mask`, `block_votes` [B, P, E] and `block_index` [L] set (and
+        `block_size` for the default blocks). A token whose allowed experts number fewer than k
+        (guard < k, or groups) gets only the allowed ones. No router loss (`aux_loss` 0).
     """
     scores = check_tensor("scores", scores, ndim=3, floating=True)
     batch, length, num_experts = scores.shape
@@ -221,6 +221,7 @@ def _block_route(
         block_size=block_size if block_ids is None else None,
         block_index=block_L,
         valid=valid,
+        block_votes=votes_BPE.detach(),
     )
 
 

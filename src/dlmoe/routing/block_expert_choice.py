@@ -91,7 +91,7 @@ def block_expert_choice(
         z_loss_coef: weight of the router z-loss over the valid tokens.
 
     Returns:
-        Dispatch with `coreset_mask` [B, P, E] and `block_index` [L]; `equal_counts=False`.
+        Dispatch with `coreset_mask`, `block_votes` [B, P, E] and `block_index` [L]; `equal_counts=False`.
     """
     logits = check_logits(logits)
     batch, length, num_experts = logits.shape
@@ -159,6 +159,7 @@ def _block_expert_choice(
         block_size=block_size if block_ids is None else None,
         block_index=block_L,
         valid=valid,
+        block_votes=votes_BPE.detach(),
     )
 
 

@@ -58,6 +58,9 @@ class Dispatch:
         equal_counts: every expert holds the same number of slots (EC): experts may use a
             dense [E, C, D] bmm without reading `counts` back from the device.
         coreset_mask: [B, P, E] bool for block routing (the experts a block may use).
+        block_votes:  [B, P, E] float, block routing's normalised votes (detached): per block, each
+            expert's share of its tokens' top-k scores. > 0 exactly for the experts plain token
+            routing would have used in the block, so a viewer can set the coreset against them.
         block_size:   block length of block routing with the default blocks, else None.
         requested_counts: [E] int64 slots per expert before capacity dropping (None: = counts).
         block_index:  [L] int64 in 0..P-1, the routing block of each position (block routing).
@@ -78,6 +81,7 @@ class Dispatch:
     requested_counts: Tensor | None = None
     block_index: Tensor | None = None
     valid: Tensor | None = None
+    block_votes: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.requested_counts is None:
@@ -117,16 +121,23 @@ class Dispatch:
         E.g. the experts a decoding step streams for the still-masked tokens of each row; rows with
         no selected token give 0.
         """
+        return (self.expert_load(token_mask) > 0).sum(-1)
+
+    def expert_load(self, token_mask: Tensor) -> Tensor:
+        """[B, E] int64: slots per expert of the tokens selected by `token_mask` [B, L] bool, per row.
+
+        A weighted index_add over all slots: no host sync (a bool index would read its count back).
+        """
         batch, length = self.batch_shape
         if token_mask.shape != (batch, length) or token_mask.dtype != torch.bool:
             raise ValueError(
                 f"token_mask must be a bool tensor of shape {(batch, length)}, "
                 f"got {token_mask.dtype} of shape {tuple(token_mask.shape)}"
             )
-        keep_S = token_mask.reshape(-1)[self.token_index]
-        used_BE = torch.zeros(batch, self.num_experts, dtype=torch.bool, device=self.token_index.device)
-        used_BE[self.token_index[keep_S] // length, self.expert_index[keep_S]] = True
-        return used_BE.sum(-1)
+        keep_S = token_mask.reshape(-1)[self.token_index].long()
+        cell_S = (self.token_index // length) * self.num_experts + self.expert_index
+        load = torch.zeros(batch * self.num_experts, dtype=torch.int64, device=self.token_index.device)
+        return load.index_add_(0, cell_S, keep_S).view(batch, self.num_experts)
 
     def slots_per_row(self) -> Tensor:
         """[B] int64: slots whose token lies in each row (the row's routed compute)."""

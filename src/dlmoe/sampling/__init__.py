@@ -19,6 +19,7 @@ from dlmoe.sampling.rules import (
     threshold_commits,
 )
 from dlmoe.sampling.stats import GenerationStats
+from dlmoe.sampling.step_routing import StepRouting
 from dlmoe.vocab import CACHE_MODES
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "GenerationStats",
     "SamplerConfig",
     "StepInfo",
+    "StepRouting",
     "build_canvas",
     "commit_schedule",
     "finished_at_eos",

@@ -32,6 +32,7 @@ from dlmoe.routing.context import RoutingContext
 from dlmoe.sampling.canvas import Canvas
 from dlmoe.sampling.config import CapacityPolicy
 from dlmoe.sampling.stats import StatsRecorder
+from dlmoe.sampling.step_routing import StepRouting
 
 if TYPE_CHECKING:  # dlmoe.config imports dlmoe.sampling: no dlmoe.config / dlmoe.model import at import time
     from dlmoe.config import ModelConfig
@@ -49,7 +50,11 @@ def unwrap_model(model: object) -> nn.Module | None:
 
 
 class Denoiser:
-    """Runs the model for the sampler and records what each call cost (`StatsRecorder`)."""
+    """Runs the model for the sampler and records what each call cost (`StatsRecorder`).
+
+    `routing`: the last forward's `StepRouting` (references only, computed when asked for; None for a
+    plain callable or a dense model), for the step's callback.
+    """
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class Denoiser:
         self.canvas, self.mask_id, self.cache_mode, self.cfg_scale = canvas, mask_id, cache, cfg_scale
         self.block_routing, self.capacity, self.stats = block_routing, capacity, stats
         self.cache: KVCache | None = None
+        self.routing: StepRouting | None = None
         rows = 2 if cfg_scale > 0 else 1
         self.valid_RL = canvas.valid.repeat(rows, 1)
         self.positions_RL = canvas.positions.repeat(rows, 1)
@@ -176,6 +182,11 @@ class Denoiser:
             block_columns_BL=block_BF,
             num_rows=canvas.batch_size,
         )
+        if output.dispatches:
+            self.routing = StepRouting(
+                tuple(output.dispatches), block_BF, fed_start, start - fed_start, canvas.batch_size,
+                (start - canvas.gen_start) // canvas.block_length,
+            )  # fmt: skip
         return output
 
     # ------------------------------------------------------------------ routing inputs

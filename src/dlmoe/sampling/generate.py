@@ -35,6 +35,7 @@ from dlmoe.sampling.rules import (
     threshold_commits,
 )
 from dlmoe.sampling.stats import GenerationStats, StatsRecorder
+from dlmoe.sampling.step_routing import StepRouting
 
 if TYPE_CHECKING:
     from dlmoe.offload.store import ExpertStore
@@ -52,6 +53,7 @@ class StepInfo:
     tokens: Tensor  # [B, L] int64: a copy of the canvas after this step (EOS fills included)
     finished: Tensor  # [B] bool: rows stopped at EOS (only with stop_at_eos)
     gen_start: int  # first generated column
+    routing: StepRouting | None = None  # experts used for the block by this step's forward (None: no MoE)
 
     def committed_positions(self) -> list[Tensor]:
         """Per row, the canvas positions committed at this step (int64, ascending)."""
@@ -225,7 +227,7 @@ class _Loop:
             committed_BL[:, start:end] = commit_BW
             self.callback(
                 StepInfo(self.step, block, block_step, self.canvas.num_blocks, committed_BL, x_BL.clone(),
-                         self.finished_B.clone(), self.canvas.gen_start)
+                         self.finished_B.clone(), self.canvas.gen_start, self.denoiser.routing)
             )  # fmt: skip
         self.step += 1
         return True
