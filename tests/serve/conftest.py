@@ -9,11 +9,11 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'dlmoe[serve]')")
 
-from dlmoe.config_io import load_run_config  # noqa: E402
-from dlmoe.serve import BatchSettings, Engine, create_app  # noqa: E402
-from dlmoe.serve.background import ServerThread  # noqa: E402
-from dlmoe.train import Trainer  # noqa: E402
-from tests.train.test_trainer import overrides  # noqa: E402
+from dlmoe.config_io import load_run_config
+from dlmoe.serve import BatchSettings, Engine, create_app
+from dlmoe.serve.background import ServerThread
+from dlmoe.train import Trainer
+from tests.train.test_trainer import overrides
 
 
 def train_tiny(tmp: Path, name: str, **extra: object) -> Path:
