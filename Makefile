@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-slow lint bench-moe bench-inference bench-distributed results render-results clean
+.PHONY: install demo test test-fast test-slow lint bench-moe bench-inference bench-distributed bench-serve results render-results clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-inference: $(STAMP)
 
 bench-distributed: $(STAMP)
 	$(BIN)/python bench/distributed.py
+
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve.py
 
 # Regenerate docs/results.md: every paper claim at laptop scale on 2 CPU cores (the suite and its options:
 # src/dlmoe/experiments/suite.py). It prints the planned steps and the expected time (measured on this machine

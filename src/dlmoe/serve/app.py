@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ def create_app(engine: Engine, settings: BatchSettings | None = None, *, shutdow
 
     app = FastAPI(title="dlmoe", summary="MoE diffusion LM server", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.state.shutdown_grace_s = shutdown_grace_s
     app.add_middleware(_CountRequests, metrics=metrics)
     _add_error_handlers(app)
     _add_info_routes(app, engine, metrics)
@@ -83,7 +85,7 @@ async def _generate(request: Request, body: SamplingOptions, prompts: list[str],
     if body.model is not None and body.model != engine.model_id:
         raise RequestError(f"model {body.model!r} is not served here; this server serves {engine.model_id!r}",
                            param="model", status=404)  # fmt: skip
-    sampler = sampler_for(body, engine.defaults)
+    sampler = sampler_for(body, engine.defaults, engine.default_guard)
     ids = engine.encode(prompts, sampler)
     rows = [i for i in range(len(prompts)) for _ in range(body.n)]
     job = Job([prompts[i] for i in rows], [ids[i] for i in rows], sampler, body.seed, body.stream,
@@ -91,7 +93,9 @@ async def _generate(request: Request, body: SamplingOptions, prompts: list[str],
     app.state.batcher.submit(job)
     endpoint = request.url.path
     if body.stream:
-        return EventSourceResponse(_events(app, job, engine.model_id, chat, echo, endpoint, started), ping=15)
+        # on SIGTERM sse-starlette ends every stream at once unless given a grace period: give it ours
+        events = _events(app, job, engine.model_id, chat, echo, endpoint, started)
+        return EventSourceResponse(events, ping=15, shutdown_grace_period=app.state.shutdown_grace_s)
     outcome = await _wait(job, request)
     app.state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
     if outcome is None:  # the client went away
@@ -102,14 +106,18 @@ async def _generate(request: Request, body: SamplingOptions, prompts: list[str],
 
 
 async def _wait(job: Job, request: Request) -> Outcome | None:
-    """The job's outcome; None (and the job cancelled) when the client disconnects first."""
-    while True:
-        done, _ = await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return job.future.result()
-        if await request.is_disconnected():
+    """The job's outcome; None (and the job cancelled) when the client disconnects first. A handler
+    cancelled while it waits (uvicorn's graceful-shutdown timeout) cancels its job too."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return job.future.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not job.future.done():
             job.cancel()
-            return None
 
 
 async def _events(
@@ -182,7 +190,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":  # its loc holds the character offset, not a field
+            where = first.get("loc", ())[-1]
+            reason = (first.get("ctx") or {}).get("error", first.get("msg"))
+            message = f"the request body is not valid JSON ({reason} at character {where})"
+            return JSONResponse(responses.error_body(message, 400), status_code=400)
+        # drop "body" and the union-member tags pydantic puts in the path (BlockRoutingOptions, literal[False])
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not re.match(r"[A-Z]|\w+\[", str(p))]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         if first.get("type") == "extra_forbidden":

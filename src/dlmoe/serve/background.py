@@ -50,7 +50,7 @@ class ServerThread:
             raise RuntimeError(f"the server on {self.url} did not stop within {timeout_s} s")
 
     def __enter__(self) -> ServerThread:
-        return self.start()
+        return self if self.thread.is_alive() else self.start()  # a started server is a context manager too
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -10,6 +10,7 @@ jobs always run alone. Everything here runs on the batcher's single worker threa
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -54,6 +55,12 @@ class Engine:
         return cls(model.to(device=device, dtype=dtype), tokenizer, defaults or config.sample, Path(run_dir).name)
 
     # ------------------------------------------------------------------ requests
+
+    @property
+    def default_guard(self) -> int:
+        """Block routing's guard when a request names none: min(E, 2k) (a dense model: 1, refused later)."""
+        router = None if self.config.moe is None else self.config.moe.router
+        return 1 if router is None else min(router.num_experts, 2 * router.num_experts_per_tok)
 
     @property
     def has_chat_template(self) -> bool:
@@ -117,6 +124,7 @@ class Engine:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         for job in jobs:
             job.post({"event": "start", "gen_length": sampler.gen_length, "block_length": sampler.block_length,
+                      "num_blocks": sampler.gen_length // sampler.block_length, "steps": sampler.steps,
                       "rows": job.rows, "batch_rows": len(rows)})  # fmt: skip
         started = time.perf_counter()
         result = generate(self.model, rows, sampler, generator=generator, callback=self._callback(jobs))
@@ -157,7 +165,11 @@ class Engine:
 
 
 def _param(message: str, prompt_param: str) -> str:
-    """The request field a model check's message is about."""
+    """The request field a model check's message is about (`block_routing.guard`, `capacity.k_max`
+    when it names the option, as the request's own checks do)."""
+    option = re.search(r"\b(block_routing|capacity)\.\w+", message)
+    if option is not None:
+        return option.group(0)
     pairs = (("max_seq_len", prompt_param), ("gen_length", "max_tokens"), ("block_routing", "block_routing"),
              ("capacity", "capacity"), ("cache", "cache"), ("suppress", "suppress_tokens"))  # fmt: skip
     for needle, param in pairs:

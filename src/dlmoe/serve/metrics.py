@@ -26,7 +26,7 @@ class ServeMetrics:
                                         registry=r)  # fmt: skip
         self.batch_failures = Counter("dlmoe_batch_failures", "generate calls that raised (retried alone)",
                                       registry=r)  # fmt: skip
-        self.tokens = Counter("dlmoe_generated_tokens", "generated tokens", registry=r)
+        self.tokens = Counter("dlmoe_generated_tokens", "generated canvas positions (EOS fill included)", registry=r)
         self.tokens_per_s = Gauge("dlmoe_tokens_per_second", "generated tokens/s of the last generate call",
                                   registry=r)  # fmt: skip
         self.forwards = Counter("dlmoe_forwards", "model forwards", registry=r)

@@ -3,7 +3,8 @@
 OpenAI clients send their extra options at the top level of the body (`extra_body=` in the
 official client), so the DLM options live there too, under the names of `dlmoe sample`'s flags:
 `block_length`, `steps`, `threshold`, `cache`, `remasking`, `cfg_scale`, `block_routing`
-(`{"top_p", "guard"}`), `capacity` (`{"schedule", "k_min", "k_max", "sigma"}`), `stop_at_eos`;
+(`{"top_p", "guard"}`; `false` turns the server's default off), `capacity` (`{"schedule", "k_min",
+"k_max", "sigma"}`; `false`: off), `stop_at_eos`;
 `max_tokens` is the generated length. `return_routing` adds, to each streamed step, the experts the
 current block used per layer. Unknown fields are refused by name; OpenAI fields a diffusion sampler
 has no meaning for (`stop`, `logprobs`, `top_p`, penalties) are refused unless left at their neutral value.
@@ -32,7 +33,7 @@ class RequestSampler(SamplerConfig):
 class BlockRoutingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_p: float = 0.6
-    guard: int = 16
+    guard: int | None = None  # None: min(num_experts, 2k), as `dlmoe sample` suggests
 
 
 class CapacityOptions(BaseModel):
@@ -62,8 +63,8 @@ class SamplingOptions(BaseModel):
     cache: str | None = None
     remasking: str | None = None
     cfg_scale: float | None = None
-    block_routing: BlockRoutingOptions | None = None
-    capacity: CapacityOptions | None = None
+    block_routing: BlockRoutingOptions | Literal[False] | None = None
+    capacity: CapacityOptions | Literal[False] | None = None
     stop_at_eos: bool | None = None
     return_routing: bool = False
     # OpenAI fields with no meaning for a masked diffusion sampler: accepted only at their neutral value
@@ -108,9 +109,10 @@ WHY = {
 }
 
 
-def sampler_for(request: SamplingOptions, defaults: SamplerConfig) -> RequestSampler:
+def sampler_for(request: SamplingOptions, defaults: SamplerConfig, default_guard: int = 16) -> RequestSampler:
     """The request's `SamplerConfig`: the server's defaults with the request's options; a RequestError
-    naming the field when an option is out of range or the options do not fit together."""
+    naming the field when an option is out of range or the options do not fit together.
+    `default_guard`: block routing's guard when the request gives none (the model's min(E, 2k))."""
     for name, neutral in NEUTRAL.items():
         if getattr(request, name) not in neutral:
             raise RequestError(f"{name}={getattr(request, name)!r}: {WHY[name]}", param=name)
@@ -125,9 +127,15 @@ def sampler_for(request: SamplingOptions, defaults: SamplerConfig) -> RequestSam
         fields["steps"] = None  # a threshold makes the steps adaptive (as `dlmoe sample --threshold`)
     fields = _fit_layout(fields, request, defaults)
     try:
-        if request.block_routing is not None:
-            fields["block_routing"] = BlockRoutingConfig(**request.block_routing.model_dump())
-        if request.capacity is not None:
+        if request.block_routing is False:
+            fields["block_routing"] = None
+        elif request.block_routing is not None:
+            options = request.block_routing.model_dump()
+            options["guard"] = default_guard if options["guard"] is None else options["guard"]
+            fields["block_routing"] = BlockRoutingConfig(**options)
+        if request.capacity is False:
+            fields["capacity"] = None
+        elif request.capacity is not None:
             options = {k: v for k, v in request.capacity.model_dump().items() if v is not None}
             fields["capacity"] = CapacityPolicy(**options)
         return RequestSampler(**fields)

@@ -3,9 +3,11 @@ their tokens (a canvas fills in any order, so there is no text delta to append),
 the experts the current block used per MoE layer; then the final text and the generation's stats.
 
 Event payloads (the `dlmoe` field of each SSE chunk, see `dlmoe.serve.app`):
-  start: gen_length, block_length, rows (this job's), batch_rows (the whole generate call's)
+  start: gen_length, block_length, num_blocks, steps (null with a threshold: adaptive), rows (this
+         job's), batch_rows (the whole generate call's); sent again when a failed batch is retried alone
   step:  index (the job's row), step, block, block_step, num_blocks, positions (0-based in the
-         generation), tokens, token_texts, finished (stopped at EOS), and with return_routing
+         generation), tokens, token_texts (each token decoded alone: a character split over several
+         byte tokens shows as U+FFFD until the final text), finished (stopped at EOS), and with return_routing
          `routing`: {layers, experts, load [layers][experts] slots of the block's tokens,
          coreset [layers][experts] bool | null, votes [layers][experts] | null}
   done:  the final text, finish_reason and stats (carried by `dlmoe.serve.jobs.Outcome`)
@@ -51,7 +53,7 @@ def _routing_rows(info: StepInfo) -> list[dict[str, Any]] | None:
     load = routing.expert_load().tolist()
     coreset, votes = routing.coreset(), routing.votes()
     coreset = None if coreset is None else coreset.tolist()
-    votes = None if votes is None else votes.round(decimals=4).tolist()
+    votes = None if votes is None else votes.double().round(decimals=4).tolist()  # float64: no noise digits
     return [
         {
             "layers": routing.num_layers,
