@@ -47,8 +47,5 @@ def serve(engine: Engine, **settings: object) -> ServerThread:
 @pytest.fixture
 def server(tc_engine: Engine) -> Iterator[ServerThread]:
     """The token-choice run served with batching on (max 16 rows, 20 ms wait)."""
-    running = serve(tc_engine, max_batch_rows=16, max_wait_ms=20)
-    try:
+    with serve(tc_engine, max_batch_rows=16, max_wait_ms=20) as running:
         yield running
-    finally:
-        running.stop()

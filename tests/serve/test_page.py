@@ -92,11 +92,8 @@ def page_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 
 @pytest.fixture
 def page_server(page_engine: Engine) -> Iterator[ServerThread]:
-    running = serve(page_engine, max_batch_rows=16, max_wait_ms=20)
-    try:
+    with serve(page_engine, max_batch_rows=16, max_wait_ms=20) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _open(driver, server: ServerThread) -> dict:

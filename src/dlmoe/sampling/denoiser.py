@@ -183,10 +183,8 @@ class Denoiser:
             num_rows=canvas.batch_size,
         )
         if output.dispatches:
-            self.routing = StepRouting(
-                tuple(output.dispatches), block_BF, fed_start, start - fed_start, canvas.batch_size,
-                (start - canvas.gen_start) // canvas.block_length,
-            )  # fmt: skip
+            block = (start - canvas.gen_start) // canvas.block_length
+            self.routing = StepRouting(tuple(output.dispatches), block_BF, start - fed_start, canvas.batch_size, block)
         return output
 
     # ------------------------------------------------------------------ routing inputs

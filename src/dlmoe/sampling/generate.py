@@ -112,6 +112,12 @@ def generate(
     return _prepare(model, prompt_ids, sampler, attention_mask, generator, callback).run()
 
 
+def check_generation(model: object, prompt_ids: Prompts, sampler: SamplerConfig) -> None:
+    """Every check `generate(model, prompt_ids, sampler)` makes before its first forward, without
+    running the model (a server checks each request before it queues it)."""
+    _prepare(model, prompt_ids, sampler, None, None, None)
+
+
 def _prepare(
     model: object,
     prompt_ids: Prompts,

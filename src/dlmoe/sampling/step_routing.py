@@ -25,15 +25,14 @@ class StepRouting:
 
     dispatches:    one per MoE layer, over the fed [R, F] tokens (`token_index` = r·F + f).
     block_columns: [R, F] bool, the fed columns of the current block's real tokens.
-    fed_start:     canvas column of fed column 0 (KV caches feed a slice of the canvas).
-    block_offset:  fed column where the current decoding block starts.
+    block_offset:  fed column where the current decoding block starts (KV caches feed a slice of
+                   the canvas).
     num_rows:      B, the conditional rows (CFG runs 2B rows; the unconditional ones are left out).
     block:         the decoding block's index.
     """
 
     dispatches: tuple[Dispatch, ...]
     block_columns: Tensor
-    fed_start: int
     block_offset: int
     num_rows: int
     block: int

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from pathlib import Path
 
 import torch
 
 from dlmoe.sampling import SamplerConfig, StepInfo, generate
-from dlmoe.sampling.canvas import build_canvas
-from dlmoe.sampling.checks import check_model_fit, resolve_ids, suppressed_ids
 from dlmoe.sampling.denoiser import unwrap_model
+from dlmoe.sampling.generate import check_generation
 from dlmoe.serve.jobs import Job, Outcome
 from dlmoe.serve.protocol import RequestError
 from dlmoe.serve.stream import step_events
@@ -87,21 +85,11 @@ class Engine:
             if self.config.mask_id in ids:
                 raise RequestError(f"{param} holds the mask token (id {self.config.mask_id})", param=param)
             try:
-                self.check(ids, sampler)
+                check_generation(self.model, [ids], sampler)
             except ValueError as error:
                 raise RequestError(str(error), param=_param(str(error), param)) from None
             rows.append(ids)
         return rows
-
-    def check(self, ids: list[int], sampler: SamplerConfig) -> None:
-        """`generate`'s model checks on one row (context length, routers, cache, ids)."""
-        ids_ = resolve_ids(sampler, self.config, None, None)
-        suppressed_ids(sampler, ids_.mask_id, self.config.vocab_size)
-        canvas = build_canvas(
-            [ids], None, gen_length=sampler.gen_length, block_length=sampler.block_length,
-            mask_id=ids_.mask_id, pad_id=ids_.pad_id, device=torch.device("cpu"),
-        )  # fmt: skip
-        check_model_fit(self.transformer, canvas, sampler)
 
     # ------------------------------------------------------------------ batches
 
@@ -126,10 +114,7 @@ class Engine:
             job.post({"event": "start", "gen_length": sampler.gen_length, "block_length": sampler.block_length,
                       "num_blocks": sampler.gen_length // sampler.block_length, "steps": sampler.steps,
                       "rows": job.rows, "batch_rows": len(rows)})  # fmt: skip
-        started = time.perf_counter()
         result = generate(self.model, rows, sampler, generator=generator, callback=self._callback(jobs))
-        seconds = time.perf_counter() - started
-        stats = dataclasses.replace(result.stats, seconds=seconds)
         outcomes, row = [], 0
         for job in jobs:
             texts, reasons, counts = [], [], []
@@ -137,7 +122,7 @@ class Engine:
                 text, reason, count = self._decode(ids, sampler)
                 texts.append(text), reasons.append(reason), counts.append(count)
             row += job.rows
-            outcomes.append(Outcome(texts, reasons, counts, stats, batch_rows=len(rows)))
+            outcomes.append(Outcome(texts, reasons, counts, result.stats, batch_rows=len(rows)))
         return outcomes
 
     def _callback(self, jobs: list[Job]):

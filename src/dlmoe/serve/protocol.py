@@ -145,18 +145,17 @@ def sampler_for(request: SamplingOptions, defaults: SamplerConfig, default_guard
 
 def _fit_layout(fields: dict[str, Any], request: SamplingOptions, defaults: SamplerConfig) -> dict[str, Any]:
     """A request that changes only `max_tokens` keeps working: the server's block length is shrunk to
-    it when longer, and the server's default steps (one per token) follow the new length."""
+    it when longer, and the server's tokens per step carry over to the new length."""
     if request.max_tokens is not None and request.block_length is None and fields["block_length"] > request.max_tokens:
         fields["block_length"] = request.max_tokens
     if request.max_tokens is not None and request.steps is None and fields["steps"] is not None:
         fields["steps"] = _scaled_steps(fields["block_length"], request.max_tokens, defaults)
-    names = {"gen_length": "max_tokens"}
     gen, block = fields["gen_length"], fields["block_length"]
     if isinstance(gen, int) and isinstance(block, int) and block > 0 and gen > 0 and gen % block:
         param = "max_tokens" if request.max_tokens is not None else "block_length"
         raise RequestError(
             f"max_tokens={gen} must be a multiple of block_length={block} (e.g. max_tokens={-(-gen // block) * block})",
-            param=names.get(param, param),
+            param=param,
         )
     return fields
 
